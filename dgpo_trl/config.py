@@ -1,0 +1,173 @@
+"""`DGPOConfig`: TRL's `GRPOConfig` plus DGPO's token-reallocation fields."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from trl import GRPOConfig
+
+from .functional import DEFAULT_CHUNK_SIZE, SCORES
+
+
+# TRL 1.16's GRPO loss types; each multiplies per-token advantages into a per-token loss.
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+# Loss types whose gradient is A_{i,t} * grad log pi_t even under a sequence-level importance ratio
+_TOKEN_GRADIENT_LOSSES = ("cispo", "vespo")
+
+
+@dataclass
+class DGPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`DGPOTrainer`].
+
+    Inherits every parameter of TRL's [`~trl.GRPOConfig`]. DGPO ([arXiv 2605.03327](https://arxiv.org/abs/2605.03327))
+    replaces GRPO's uniform per-token advantage with A_i * w_t, where w_t = T_i * softmax_t(s_t / tau) and
+    s_t = d_t * (H_t / log|V|) ** kappa scores each token by its divergence d_t from the reference model, gated by the
+    policy's normalised entropy. It drops the KL penalty, so `beta` keeps TRL's default of `0.0`; a positive `beta`
+    adds TRL's KL term on top of the reallocation (with a warning).
+
+    Parameters:
+        dgpo_tau (`float`, *optional*, defaults to `0.5`):
+            Reallocation temperature tau of the token softmax. Large values give uniform weights (GRPO); small values
+            concentrate the advantage on the highest-scoring tokens. The paper reports its best and stable results for
+            tau in [0.5, 1.0] (Section 4.4); 0.5 is inside that range. Must be finite and > 0.
+        dgpo_kappa (`float`, *optional*, defaults to `1.0`):
+            Entropy-gate exponent kappa. `0` removes the gate (the paper's "no entropy gate" ablation); large values
+            suppress every token that is not near maximum entropy. The paper finds a moderate value best (Section 4.4,
+            Table 5); 1.0 is the plain product d_t * H~_t of its Eq. 3. Must be finite and >= 0.
+        dgpo_score (`str`, *optional*, defaults to `"hellinger"`):
+            Token divergence d_t. `"hellinger"`: squared Hellinger distance to the reference, bounded in [0, 1] (the
+            paper's method). `"reverse_kl"`: KL(pi_theta || pi_ref), unbounded (the paper's ablation). `"uniform"`:
+            w_t = 1 for every token, i.e. GRPO without KL (a sanity switch; no reference model is loaded for it).
+        dgpo_chunk_size (`int`, *optional*, defaults to `8192`):
+            Vocabulary tile width of the divergence pass. The pass never holds more than one tile of
+            (tokens x `dgpo_chunk_size`) logits per model; smaller tiles use less memory, larger tiles fewer kernels.
+            Must be >= 1.
+        dgpo_target_ess (`float` or `None`, *optional*, defaults to `None`):
+            Adaptive tau (beyond the paper, which names tau sensitivity as its limitation and dynamic scheduling as
+            future work). When set, `dgpo_tau` is replaced, for each batch of completions DGPO scores together, by the
+            tau whose weights reach this mean normalised effective sample size (sum w)^2 / (T sum w^2) over the
+            completions with a nonzero advantage, found by bisection and logged as `dgpo/tau`. Where no tau reaches
+            it (flat scores, e.g. while pi_theta == pi_ref), `dgpo_tau` is used. Must be in (0, 1); `None` (default)
+            keeps `dgpo_tau` fixed.
+        dgpo_skip_zero_advantage (`bool`, *optional*, defaults to `True`):
+            Score only completions whose sequence advantage is nonzero: the others get A_{i,t} = A_i * w_t = 0
+            whatever their weights, so their reference forward and divergence pass are skipped. Applies when the
+            statistics are computed at loss time (see [`DGPOTrainer`]) and `beta == 0` (TRL's KL term needs every
+            completion's reference log-probs).
+    """
+
+    dgpo_tau: float = field(
+        default=0.5,
+        metadata={
+            "help": "Reallocation temperature tau of the token softmax w = T * softmax(s / tau). Large values give "
+            "uniform weights (GRPO), small values concentrate the advantage on few tokens. The paper's good range is "
+            "[0.5, 1.0]. Must be finite and > 0."
+        },
+    )
+    dgpo_kappa: float = field(
+        default=1.0,
+        metadata={
+            "help": "Entropy-gate exponent kappa in s = d * (H / log V) ** kappa. 0 removes the gate (the paper's "
+            "ablation); the paper finds a moderate value best. Must be finite and >= 0."
+        },
+    )
+    dgpo_score: str = field(
+        default="hellinger",
+        metadata={
+            "help": "Token divergence: 'hellinger' (bounded, the paper's method), 'reverse_kl' (the paper's "
+            "ablation) or 'uniform' (w = 1: GRPO without KL, a sanity switch).",
+            "choices": list(SCORES),
+        },
+    )
+    dgpo_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={
+            "help": "Vocabulary tile width of the divergence pass: at most one tile of (tokens x chunk) logits per "
+            "model exists at a time. Must be >= 1."
+        },
+    )
+
+    dgpo_target_ess: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive tau: pick tau per scored batch so that the weights' mean normalised effective sample "
+            "size over completions with a nonzero advantage equals this value (bisection; logged as dgpo/tau). Falls "
+            "back to dgpo_tau where no tau reaches it. Must be in (0, 1); None keeps dgpo_tau fixed."
+        },
+    )
+    dgpo_skip_zero_advantage: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip the reference forward and divergence pass for completions with a zero sequence advantage "
+            "(their per-token advantages are 0 anyway). Applies to loss-time scoring with beta == 0."
+        },
+    )
+
+    def __post_init__(self):
+        validate_dgpo_arguments(self)
+        super().__post_init__()
+
+
+class DGPOArguments(NamedTuple):
+    """The validated DGPO settings a trainer runs with."""
+
+    tau: float
+    kappa: float
+    score: str
+    chunk_size: int
+    target_ess: float | None
+    skip_zero_advantage: bool
+
+
+def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
+    """Checks DGPO's fields (and the TRL fields DGPO constrains) on a `DGPOConfig` or a plain `GRPOConfig`.
+
+    A `GRPOConfig` has no `dgpo_*` fields and gets `DGPOConfig`'s defaults. Raises `ValueError` naming the field and
+    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO.
+    """
+    tau = getattr(args, "dgpo_tau", DGPOConfig.dgpo_tau)
+    kappa = getattr(args, "dgpo_kappa", DGPOConfig.dgpo_kappa)
+    score = getattr(args, "dgpo_score", DGPOConfig.dgpo_score)
+    chunk_size = getattr(args, "dgpo_chunk_size", DGPOConfig.dgpo_chunk_size)
+    target_ess = getattr(args, "dgpo_target_ess", DGPOConfig.dgpo_target_ess)
+    skip_zero_advantage = getattr(args, "dgpo_skip_zero_advantage", DGPOConfig.dgpo_skip_zero_advantage)
+    if not _is_number(tau) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"dgpo_tau must be a finite number > 0, got {tau!r}.")
+    if not _is_number(kappa) or not (math.isfinite(kappa) and kappa >= 0):
+        raise ValueError(f"dgpo_kappa must be a finite number >= 0, got {kappa!r}.")
+    if score not in SCORES:
+        raise ValueError(f"dgpo_score must be one of {list(SCORES)}, got {score!r}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"dgpo_chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    if target_ess is not None and not (_is_number(target_ess) and 0.0 < target_ess < 1.0):
+        raise ValueError(f"dgpo_target_ess must be None or a number in (0, 1), got {target_ess!r}.")
+    if not isinstance(skip_zero_advantage, bool):
+        raise ValueError(f"dgpo_skip_zero_advantage must be True or False, got {skip_zero_advantage!r}.")
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {args.loss_type!r}.")
+    if score != "uniform" and args.importance_sampling_level == "sequence" and args.loss_type not in _TOKEN_GRADIENT_LOSSES:
+        # With one ratio per sequence the loss is sum_t w_t * f(ratio_i, A_i) = T_i * f(ratio_i, A_i): the token
+        # weights cancel, and DGPO would silently train exactly like its sequence-level baseline.
+        raise ValueError(
+            f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} cancels DGPO's token weights "
+            "(one importance ratio per sequence makes sum_t w_t * loss_i = T_i * loss_i). Use "
+            f"importance_sampling_level='token', or loss_type in {list(_TOKEN_GRADIENT_LOSSES)}, or dgpo_score='uniform'."
+        )
+    if warn and args.beta != 0.0 and score != "uniform":
+        warnings.warn(
+            f"beta={args.beta} adds TRL's KL penalty on top of DGPO's token reallocation. The DGPO paper drops the KL "
+            "term (beta=0); keep beta > 0 only if you want both.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return DGPOArguments(
+        float(tau), float(kappa), score, chunk_size, None if target_ess is None else float(target_ess), skip_zero_advantage
+    )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -1,0 +1,384 @@
+"""DGPO's math on plain tensors: hidden states -> token statistics -> scores -> weights.
+
+Nothing here imports TRL, so every function can be used (and tested) without a trainer.
+
+Notation (paper, Sections 3.2-3.3): for a completion token at position t with context ctx_t,
+
+    d_t  = 1 - sum_a sqrt(pi_theta(a|ctx_t) * pi_ref(a|ctx_t))      squared Hellinger, in [0, 1]
+    H~_t = entropy(pi_theta(.|ctx_t)) / log|V|                        normalised entropy, in [0, 1]
+    s_t  = d_t * H~_t ** kappa                                         entropy-gated score
+    w_t  = T_i * softmax_t(s_t / tau)  over the completion's valid tokens (mean weight exactly 1)
+
+`token_statistics` computes every per-token quantity DGPO and TRL need in one pass over the vocabulary, in tiles of
+`token_chunk_size` x `chunk_size` logits, with an online log-sum-exp: neither model's full-vocabulary logits ever
+exist for more than one tile. The Bhattacharyya coefficient needs no second pass:
+
+    sum_a sqrt(p_a q_a) = exp(LSE((z_p + z_q) / 2) - (LSE(z_p) + LSE(z_q)) / 2)
+
+`token_statistics_reference` is the naive float64 full-softmax version the tiled one is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+SCORES = ("hellinger", "reverse_kl", "uniform")
+"""Token scores DGPO can redistribute the advantage with. `"uniform"` gives w = 1 (GRPO without KL)."""
+
+DEFAULT_CHUNK_SIZE = 8192
+"""Vocabulary tile width of the divergence pass."""
+
+DEFAULT_TOKEN_CHUNK_SIZE = 1024
+"""Tokens per tile of the divergence pass; with `DEFAULT_CHUNK_SIZE` a tile holds 8M fp32 logits per model."""
+
+
+class TokenStatistics(NamedTuple):
+    """Per-token statistics of pi_theta (policy) and pi_ref (reference), each of shape (N,), float32.
+
+    `policy_logps`/`ref_logps` are the log-probabilities of the labels (zeros when no labels were given). `entropy`
+    is the entropy of pi_theta in nats. `hellinger` is the squared Hellinger distance in [0, 1] and `reverse_kl` is
+    KL(pi_theta || pi_ref) >= 0, both over the full vocabulary.
+    """
+
+    policy_logps: torch.Tensor
+    ref_logps: torch.Tensor
+    hellinger: torch.Tensor
+    reverse_kl: torch.Tensor
+    entropy: torch.Tensor
+
+    def divergence(self, score: str) -> torch.Tensor:
+        """The divergence `d_t` used by `score` (`"hellinger"` or `"reverse_kl"`)."""
+        if score == "hellinger":
+            return self.hellinger
+        if score == "reverse_kl":
+            return self.reverse_kl
+        raise ValueError(f"score must be 'hellinger' or 'reverse_kl' to select a divergence, got {score!r}.")
+
+
+def _logits(hidden, weight, bias, start, end, logit_scale, final_logit_softcapping, temperature):
+    """One vocabulary tile of logits, in float32, transformed exactly as TRL's fused LM head transforms them."""
+    w = weight[start:end]
+    if hidden.device.type == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16) and w.dtype == hidden.dtype:
+        # Tensor cores with fp32 accumulation and an fp32 result: rounding logits to bf16 would bias the statistics
+        z = torch.mm(hidden, w.t(), out_dtype=torch.float32)
+    else:
+        z = hidden.float() @ w.float().t()
+    if bias is not None:
+        z += bias[start:end].float()
+    if logit_scale != 1.0:
+        z *= logit_scale
+    if final_logit_softcapping is not None:
+        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+    if temperature != 1.0:
+        z /= temperature
+    return z
+
+
+class _OnlineLogSumExp:
+    """Running log-sum-exp over vocabulary tiles, with the extra sums DGPO needs, all rescaled to the running max.
+
+    `total` = sum exp(z - max); `shifted` = sum exp(z - max) * (z - max) (entropy, kept shifted so that a
+    confident distribution's entropy does not cancel catastrophically); `gap` = sum exp(z - max) * g for an
+    auxiliary per-logit tensor g (used for E_p[z_p - z_q], the reverse KL).
+    """
+
+    def __init__(self, rows: int, device, track_shifted: bool = False, track_gap: bool = False):
+        self.max = torch.full((rows,), -math.inf, device=device)
+        self.total = torch.zeros(rows, device=device)
+        self.shifted = torch.zeros(rows, device=device) if track_shifted else None
+        self.gap = torch.zeros(rows, device=device) if track_gap else None
+
+    def update(self, z: torch.Tensor, gap: torch.Tensor | None = None) -> None:
+        new_max = torch.maximum(self.max, z.amax(dim=-1))
+        # An all -inf row keeps max = -inf; shifting by 0 there keeps exp() at 0 instead of NaN
+        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        rescale = torch.exp(self.max - safe_max)
+        shifted_z = z - safe_max.unsqueeze(-1)
+        e = torch.exp(shifted_z)
+        if self.shifted is not None:
+            # sum e^(z - m')(z - m') = r * (sum e^(z - m)(z - m) + (m - m') * sum e^(z - m)) + new terms
+            moved = torch.where(torch.isfinite(self.max), self.max - safe_max, torch.zeros_like(safe_max))
+            self.shifted = rescale * (self.shifted + moved * self.total) + (e * shifted_z).sum(dim=-1)
+        if self.gap is not None:
+            self.gap = rescale * self.gap + (e * gap).sum(dim=-1)
+        self.total = rescale * self.total + e.sum(dim=-1)
+        self.max = new_max
+
+    def log_normalizer(self) -> torch.Tensor:
+        return self.max + torch.log(self.total)
+
+
+def token_statistics(
+    policy_hidden: torch.Tensor,
+    policy_weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    policy_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
+) -> TokenStatistics:
+    """Per-token statistics of pi_theta and pi_ref from last hidden states and LM-head weights, in one tiled pass.
+
+    Args:
+        policy_hidden, ref_hidden: (N, H_policy) and (N, H_ref) hidden states, one row per scored token.
+        policy_weight, ref_weight: (V, H) LM-head weights (both models share the vocabulary).
+        labels: optional (N,) token ids whose log-probabilities are returned.
+        policy_bias, ref_bias: optional (V,) LM-head biases.
+        temperature: logits are divided by it (the sampling temperature, as TRL scores them).
+        logit_scale, final_logit_softcapping: the model's output transform, applied before the temperature as TRL's
+            fused LM head does: z = softcap * tanh(scale * logits / softcap) / temperature.
+        chunk_size: vocabulary tile width. token_chunk_size: tokens per tile.
+
+    Returns:
+        [`TokenStatistics`], each field (N,) float32. Memory beyond the outputs is O(token_chunk_size * chunk_size),
+        independent of N.
+    """
+    if policy_hidden.shape[0] != ref_hidden.shape[0]:
+        raise ValueError(f"policy_hidden has {policy_hidden.shape[0]} rows but ref_hidden has {ref_hidden.shape[0]}.")
+    if policy_weight.shape[0] != ref_weight.shape[0]:
+        raise ValueError(
+            f"policy_weight has {policy_weight.shape[0]} vocabulary rows but ref_weight has {ref_weight.shape[0]}."
+        )
+    if chunk_size < 1 or token_chunk_size < 1:
+        raise ValueError(f"chunk_size and token_chunk_size must be >= 1, got {chunk_size} and {token_chunk_size}.")
+    n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
+    device = policy_hidden.device
+    out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
+    transform = {
+        "temperature": temperature,
+        "logit_scale": logit_scale,
+        "final_logit_softcapping": final_logit_softcapping,
+    }
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for t0 in range(0, n_tokens, token_chunk_size):
+            t1 = min(t0 + token_chunk_size, n_tokens)
+            rows = t1 - t0
+            h_p, h_q = policy_hidden[t0:t1], ref_hidden[t0:t1]
+            p = _OnlineLogSumExp(rows, device, track_shifted=True, track_gap=True)
+            q = _OnlineLogSumExp(rows, device)
+            mid = _OnlineLogSumExp(rows, device)
+            label_p = torch.zeros(rows, device=device)
+            label_q = torch.zeros(rows, device=device)
+            tile_labels = None if labels is None else labels[t0:t1]
+            for v0 in range(0, vocab, chunk_size):
+                v1 = min(v0 + chunk_size, vocab)
+                z_p = _logits(h_p, policy_weight, policy_bias, v0, v1, **transform)
+                z_q = _logits(h_q, ref_weight, ref_bias, v0, v1, **transform)
+                p.update(z_p, gap=z_p - z_q)
+                q.update(z_q)
+                mid.update(0.5 * (z_p + z_q))
+                if tile_labels is not None:
+                    in_tile = (tile_labels >= v0) & (tile_labels < v1)
+                    local = (tile_labels - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1)
+                    label_p += torch.where(in_tile, z_p.gather(-1, local).squeeze(-1), 0.0)
+                    label_q += torch.where(in_tile, z_q.gather(-1, local).squeeze(-1), 0.0)
+            lse_p, lse_q, lse_mid = p.log_normalizer(), q.log_normalizer(), mid.log_normalizer()
+            if tile_labels is not None:
+                out["policy_logps"][t0:t1] = label_p - lse_p
+                out["ref_logps"][t0:t1] = label_q - lse_q
+            # log BC = LSE(mid) - (LSE_p + LSE_q) / 2 <= 0; -expm1 keeps small distances exact
+            out["hellinger"][t0:t1] = (-torch.expm1(lse_mid - 0.5 * (lse_p + lse_q))).clamp(0.0, 1.0)
+            out["reverse_kl"][t0:t1] = (p.gap / p.total - lse_p + lse_q).clamp_min(0.0)
+            out["entropy"][t0:t1] = (torch.log(p.total) - p.shifted / p.total).clamp_min(0.0)
+    return TokenStatistics(**out)
+
+
+def token_statistics_reference(
+    policy_hidden: torch.Tensor,
+    policy_weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    policy_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+) -> TokenStatistics:
+    """Naive float64 reference of [`token_statistics`]: full-vocabulary softmax, every definition written out."""
+
+    def log_probs(hidden, weight, bias):
+        z = hidden.double() @ weight.double().t()
+        if bias is not None:
+            z = z + bias.double()
+        z = z * logit_scale
+        if final_logit_softcapping is not None:
+            z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+        return torch.log_softmax(z / temperature, dim=-1)
+
+    log_p = log_probs(policy_hidden, policy_weight, policy_bias)
+    log_q = log_probs(ref_hidden, ref_weight, ref_bias)
+    p, q = log_p.exp(), log_q.exp()
+    if labels is None:
+        policy_logps = ref_logps = torch.zeros(log_p.shape[0], dtype=torch.float64, device=log_p.device)
+    else:
+        policy_logps = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ref_logps = log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    stats = TokenStatistics(
+        policy_logps=policy_logps,
+        ref_logps=ref_logps,
+        hellinger=1.0 - torch.sqrt(p * q).sum(-1),
+        reverse_kl=(p * (log_p - log_q)).sum(-1),
+        entropy=-(p * log_p).sum(-1),
+    )
+    return TokenStatistics(*(x.float() for x in stats))
+
+
+def token_divergence_and_entropy(
+    policy_hidden: torch.Tensor,
+    policy_weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    policy_bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    score: str = "hellinger",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    logit_scale: float = 1.0,
+    final_logit_softcapping: float | None = None,
+    token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence d_t between pi_theta and pi_ref, and the entropy of pi_theta (nats).
+
+    `score="hellinger"` gives the squared Hellinger distance 1 - sum_a sqrt(pi_theta(a) pi_ref(a)) in [0, 1];
+    `score="reverse_kl"` gives KL(pi_theta || pi_ref) (the paper's ablation). Both over the full vocabulary, computed
+    in tiles (see [`token_statistics`]). Returns `(divergence, entropy)`, each (N,) float32.
+    """
+    stats = token_statistics(
+        policy_hidden,
+        policy_weight,
+        ref_hidden,
+        ref_weight,
+        policy_bias=policy_bias,
+        ref_bias=ref_bias,
+        temperature=temperature,
+        logit_scale=logit_scale,
+        final_logit_softcapping=final_logit_softcapping,
+        chunk_size=chunk_size,
+        token_chunk_size=token_chunk_size,
+    )
+    return stats.divergence(score), stats.entropy
+
+
+def token_scores(
+    divergence: torch.Tensor, entropy: torch.Tensor, *, kappa: float, vocab_size: int
+) -> torch.Tensor:
+    """Entropy-gated scores s_t = d_t * (entropy_t / log V) ** kappa. `kappa=0` ignores the entropy."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 to normalise the entropy by log(vocab_size), got {vocab_size}.")
+    normalized_entropy = (entropy.float() / math.log(vocab_size)).clamp(0.0, 1.0)
+    return divergence.float() * normalized_entropy.pow(kappa)
+
+
+def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: sequences with a valid token whose score is not finite (NaN/inf from a bf16 overflow, say)."""
+    return (~torch.isfinite(scores) & mask.bool()).any(dim=-1)
+
+
+def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """w = T_i * softmax over sequence i's valid tokens of s / tau; 0 on invalid tokens and on empty sequences.
+
+    `tau` is a float or a (B,) / (B, 1) tensor (one temperature per sequence). A sequence holding a non-finite score
+    falls back to uniform weights (w = 1 on its valid tokens), so NaN never reaches the loss.
+    """
+    mask = mask.bool()
+    scores = scores.float()
+    tau = torch.as_tensor(tau, dtype=torch.float32, device=scores.device)
+    if tau.dim() == 1:
+        tau = tau.unsqueeze(-1)
+    fallback = nonfinite_sequences(scores, mask).unsqueeze(-1)
+    logits = torch.where(mask & ~fallback, scores / tau, 0.0)
+    logits = logits.masked_fill(~mask, -math.inf)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    e = torch.exp(logits - row_max)  # exactly 0 on invalid tokens
+    lengths = mask.sum(dim=-1, keepdim=True).float()
+    return lengths * e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def token_weights(
+    divergence: torch.Tensor,
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    tau: float,
+    kappa: float,
+    vocab_size: int,
+) -> torch.Tensor:
+    """DGPO token weights w = T_i * softmax over valid tokens of d * (H / log V) ** kappa / tau, of `mask`'s shape.
+
+    Positive on valid tokens (mask = 1), 0 elsewhere, mean exactly 1 over each non-empty sequence; a sequence with
+    no valid token gets all-zero weights. See [`weights_from_scores`] for the non-finite fallback.
+    """
+    scores = token_scores(divergence, entropy, kappa=kappa, vocab_size=vocab_size)
+    return weights_from_scores(scores, mask, tau)
+
+
+def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) normalised effective sample size (sum w)^2 / (T sum w^2) in (0, 1]; NaN for empty sequences."""
+    mask = mask.bool()
+    w = torch.where(mask, weights.float(), 0.0)
+    lengths = mask.sum(dim=-1).float()
+    return w.sum(-1).square() / (lengths * w.square().sum(-1))
+
+
+def tau_for_target_ess(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    target_ess: float,
+    *,
+    fallback: float,
+    lower: float = 1e-4,
+    upper: float = 1e4,
+    iterations: int = 40,
+    reduce=None,
+) -> float:
+    """The tau whose weights have mean effective sample size `target_ess` over the non-empty sequences.
+
+    Bisection on log(tau): ESS grows monotonically with tau (softmax's collision probability falls as its temperature
+    rises), from ~1/T at tau -> 0 to 1 at tau -> inf. When even `lower` leaves the ESS at or above the target (flat
+    scores, e.g. at step 1 where pi_theta == pi_ref, or an empty batch) no tau reaches it and `fallback` is returned;
+    the result is always finite and in [lower, upper] or `fallback`.
+
+    `reduce`, if given, sums a small tensor across processes, so that every rank bisects on the global mean ESS and
+    gets the same tau; it is called exactly `iterations + 2` times whatever the data.
+    """
+    if not 0.0 < target_ess < 1.0:
+        raise ValueError(f"target_ess must be in (0, 1), got {target_ess!r}.")
+    mask = mask.bool()
+    rows = mask.any(dim=-1)
+    scores, mask = scores[rows], mask[rows]
+    reduce = reduce or (lambda x: x)
+
+    def mean_ess(log_tau: float) -> float:
+        weights = weights_from_scores(scores, mask, math.exp(log_tau))
+        local = torch.stack([effective_sample_size(weights, mask).sum(), torch.tensor(float(len(scores)))])
+        total, count = reduce(local.to(scores.device)).tolist()
+        return total / count if count else 1.0
+
+    lo, hi = math.log(lower), math.log(upper)
+    # Every branch makes the same calls, so ranks sharing `reduce` stay in step
+    ess_at_lower, ess_at_upper = mean_ess(lo), mean_ess(hi)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if mean_ess(mid) < target_ess:
+            lo = mid
+        else:
+            hi = mid
+    if ess_at_lower >= target_ess:
+        return float(fallback)
+    if ess_at_upper < target_ess:
+        return float(upper)
+    return math.exp(0.5 * (lo + hi))

@@ -1,0 +1,139 @@
+"""Tiny offline models and a string-reversal task: what the demo, the notebook and the tests train.
+
+Nothing here downloads: the tokenizer is a character-level vocabulary built with `tokenizers`, the model a
+random-init `LlamaForCausalLM` (a Llama config, because `AutoTokenizer` would swap a Qwen2 model's tokenizer for a
+byte-level one that drops whitespace). Both are saved with `save_pretrained` and loaded by path, as TRL loads a
+reference model from the policy's `config._name_or_path`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import string
+from pathlib import Path
+
+import torch
+
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+ALPHABET = string.digits + string.ascii_letters + " \n.,:;!?+-*/=()[]{}<>'\"_^\\$#%&|~@"
+
+
+def build_tokenizer(alphabet: str = ALPHABET):
+    """A character-level `PreTrainedTokenizerFast` (left padding, as GRPO expects) over `alphabet`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in alphabet:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # Every character, whitespace included, is its own token ("(?s)." fails under Oniguruma; [\s\S] works)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_tiny_model(
+    path: str | os.PathLike,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    alphabet: str = ALPHABET,
+) -> str:
+    """Builds and saves a random-init tiny Llama and its tokenizer under `path`; returns the path as a string."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer(alphabet)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def reversal_example(rng: random.Random, min_digits: int = 3, max_digits: int = 6) -> dict:
+    """`{"prompt": "r12345>", "answer": "54321"}`: reverse a digit string."""
+    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(min_digits, max_digits)))
+    return {"prompt": f"r{digits}>", "answer": digits[::-1]}
+
+
+def reversal_dataset(n: int, seed: int = 0, min_digits: int = 3, max_digits: int = 6):
+    """A `datasets.Dataset` of `n` string-reversal prompts (standard, non-conversational format)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_list([reversal_example(rng, min_digits, max_digits) for _ in range(n)])
+
+
+def exact_match_reward(completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion (before EOS) equals the answer, else 0.0. A TRL reward function."""
+    return [1.0 if completion.strip() == target else 0.0 for completion, target in zip(completions, answer)]
+
+
+def supervised_warmup(
+    path: str | os.PathLike,
+    dataset,
+    *,
+    steps: int = 80,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> str:
+    """A short plain-torch SFT on `prompt + answer + <eos>` (loss on the answer), saved back to `path`.
+
+    Gives RL a policy that is sometimes right: after 80 steps the reversal model's sampled accuracy is ~0.2.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    rows = list(dataset)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
+        ids, labels = [], []
+        for row in batch:
+            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            ids.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
+        label_ids = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
+        attention_mask = (torch.arange(width) >= torch.tensor([[width - len(x)] for x in ids])).long()
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    return str(path)

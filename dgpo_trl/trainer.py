@@ -1,0 +1,419 @@
+"""`DGPOTrainer`: TRL's `GRPOTrainer` with DGPO's distribution-guided per-token advantages."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers.utils import logging
+
+from trl import GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import (
+    create_model_from_path,
+    disable_dropout_in_model,
+    get_config_model_id,
+    maybe_gather_lm_head_ctx,
+    use_adapter,
+)
+
+from .config import DGPOConfig, validate_dgpo_arguments
+from .functional import (
+    TokenStatistics,
+    tau_for_target_ess,
+    effective_sample_size,
+    nonfinite_sequences,
+    token_scores,
+    token_statistics,
+    weights_from_scores,
+)
+
+
+logger = logging.get_logger(__name__)
+
+# Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
+_SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """`(logit_scale, final_logit_softcapping)` of a model config, read with the rules of TRL's fused LM head
+    (`trl.trainer.utils.add_fused_lm_head`), so DGPO scores exactly the distributions TRL trains on."""
+    text_config = config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text_config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text_config, "lm_head_multiplier", None)
+    if scale is None and getattr(text_config, "logits_scaling", None) is not None:
+        scaling = text_config.logits_scaling
+        scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _causal_lm(model):
+    """The `PreTrainedModel` under a PEFT wrapper (adapter layers included), or the model itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+class _JointPass:
+    """Stands in for the policy model inside `GRPOTrainer._get_per_token_logps_and_entropies`.
+
+    TRL's method slices the batch into row chunks, builds each chunk's model inputs (multimodal fields included) and
+    labels, and calls `model(**inputs, labels=labels, fused_lm_head=True)`. Passing this object instead of the model
+    lets DGPO reuse that input building while it runs, per chunk, one reference forward (and one policy forward,
+    unless the policy's hidden states are given) and the divergence pass over the scored positions. It returns the
+    policy's label log-probabilities and entropy exactly where TRL's fused head would, and keeps the statistics.
+    """
+
+    def __init__(self, trainer: DGPOTrainer, policy_hidden: torch.Tensor | None = None):
+        self.trainer = trainer
+        self.policy_hidden = policy_hidden  # (B, L, H) from the training forward, or None to run the policy here
+        self.rows_done = 0
+        self.chunks: list[TokenStatistics] = []
+
+    def __call__(self, labels, fused_lm_head=True, **model_inputs):
+        trainer = self.trainer
+        rows = labels.shape[0]
+        if self.policy_hidden is None:
+            policy_hidden = trainer._backbone_hidden(trainer._policy(), model_inputs)
+        else:
+            policy_hidden = self.policy_hidden[self.rows_done : self.rows_done + rows]
+        self.rows_done += rows
+        with trainer._as_reference() as reference:
+            ref_hidden = trainer._backbone_hidden(reference, model_inputs)
+        # Position t's hidden state predicts token t + 1; only completion tokens carry a label
+        targets = labels[:, 1:]
+        mask = targets != -100
+        stats = trainer._divergence_pass(policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask], targets[mask])
+        per_position = TokenStatistics(*(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats))
+        self.chunks.append(per_position)
+        return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
+
+    def completion_statistics(self, logits_to_keep: int) -> TokenStatistics:
+        """The collected statistics over the completion positions, each (rows, logits_to_keep); rows may be 0."""
+        if not self.chunks:
+            empty = torch.zeros(0, logits_to_keep, device=self.trainer.accelerator.device)
+            return TokenStatistics(*(empty for _ in TokenStatistics._fields))
+        return TokenStatistics(*(torch.cat(field, dim=0)[:, -logits_to_keep:] for field in zip(*self.chunks)))
+
+
+class DGPOTrainer(GRPOTrainer):
+    """
+    Trainer for Distribution-Guided Policy Optimization (DGPO, [arXiv 2605.03327](https://arxiv.org/abs/2605.03327)).
+
+    Same constructor, options and behaviour as TRL's [`~trl.GRPOTrainer`]; only the advantages change. Each completion
+    i's sequence advantage A_i is redistributed over its valid tokens (`completion_mask * tool_mask`) as
+    A_{i,t} = A_i * w_t, with w_t = T_i * softmax_t(d_t * (H_t / log|V|) ** kappa / tau): d_t is the squared Hellinger
+    distance (or reverse KL) between pi_theta and a frozen reference over the full vocabulary, H_t the entropy of
+    pi_theta, both under TRL's sampling temperature and logit transform. TRL's `_compute_loss` takes the resulting
+    (B, T) advantages unchanged. The KL penalty is dropped (`beta=0`); a user's `beta > 0` keeps TRL's KL term too.
+
+    pi_theta is the policy that generated the batch (pi_old), and each completion's weights are computed once:
+    - when TRL runs a policy forward at scoring time for pi_old log-probs (off-policy steps or vLLM importance
+      sampling), DGPO computes its statistics inside that same forward and returns TRL its log-probs from it;
+    - otherwise the parameters cannot change before the completion is trained on, so DGPO takes pi_theta's hidden
+      states from the training forward itself (no extra policy forward) and runs only the reference forward.
+    Either way there is one reference forward and at most one policy forward per completion beyond GRPO's training
+    forward, and the divergence pass works on (tokens x vocabulary) tiles, never on full logits.
+
+    What is overridden, and why:
+    - `__init__`: loads the frozen reference when DGPO needs one and TRL would not (beta = 0), the way TRL loads its
+      own; for a PEFT model, the reference is the same model with the adapter disabled (or TRL's "ref" adapter).
+    - `_generate_and_score_completions`: switches off TRL's reference forward (DGPO's pass yields those log-probs)
+      and applies the weights when they were computed at scoring time.
+    - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time policy forward, and the loss-time statistics,
+      through DGPO's joint pass.
+    - `_compute_loss`: marks the micro-batch whose weights are computed from the training forward.
+    """
+
+    _tag_names = ["trl", "dgpo"]
+    _name = "DGPO"
+
+    def __init__(self, model, reward_funcs=None, args=None, *trainer_args, **trainer_kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = DGPOConfig(f"{model_name.split('/')[-1]}-DGPO")
+        # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
+        self.dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
+        needs_reference = self.dgpo.score != "uniform"
+        peft_config = trainer_kwargs.get("peft_config")
+        if needs_reference and peft_config is None and not isinstance(model, str) and is_peft_model(model) and args.beta == 0.0:
+            # TRL keeps a frozen copy of a pretrained adapter as the "ref" adapter only when beta != 0. DGPO's
+            # reference is the initial policy whatever beta is, so make the same copy.
+            model.add_adapter("ref", model.peft_config["default"])
+            for name, param in model.named_parameters():
+                if ".default." in name:
+                    model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+
+        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+
+        if needs_reference and self.ref_model is None and not is_peft_model(self.model):
+            self.ref_model = self._load_reference_model(trainer_kwargs.get("quantization_config"))
+        policy = _causal_lm(self._policy())
+        self._logit_scale, self._softcap = logit_transform(policy.config)
+        head = policy.get_output_embeddings()
+        self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
+        self._scoring: _JointPass | None = None  # set while TRL scores a generation batch
+        self._loss_inputs: dict | None = None  # the micro-batch whose weights come from the training forward
+        # A few scored completions of the latest batch and their token weights (CPU), for heatmaps and inspection:
+        # {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
+        self.last_token_weights: dict[str, torch.Tensor] | None = None
+        self.num_completions_to_show = 8
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Models
+
+    def _load_reference_model(self, quantization_config):
+        """A frozen reference loaded and prepared exactly as `GRPOTrainer.__init__` prepares its own for beta != 0.
+
+        Loaded from the policy's `config._name_or_path`, never copied: a `deepcopy` of a model TRL has patched keeps
+        calling the original's forward.
+        """
+        model_id = get_config_model_id(self.model.config)
+        if not model_id:
+            raise ValueError(
+                "DGPO scores tokens against a frozen reference model, which it loads (like TRL) from the policy's "
+                "`config._name_or_path`, but this model has none. Save it with `save_pretrained` and pass the path, "
+                "or load it with `from_pretrained`."
+            )
+        model_init_kwargs = dict(self.args.model_init_kwargs or {})
+        if quantization_config is not None:
+            model_init_kwargs["quantization_config"] = quantization_config
+        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
+            model_init_kwargs["device_map"] = None
+        model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
+        model_init_kwargs.setdefault("dtype", self.model.dtype)
+        model_init_kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
+        ref_model = create_model_from_path(model_id, **model_init_kwargs)
+        if self.args.disable_dropout:
+            disable_dropout_in_model(ref_model)
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _policy(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _reference(self):
+        """The frozen reference model, or for PEFT the policy itself (see `_as_reference`)."""
+        return self._policy() if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
+
+    @contextmanager
+    def _as_reference(self):
+        """Yields the reference model: the frozen copy, or the policy with its adapter disabled ("ref" if present)."""
+        reference = self._reference()
+        if self.ref_model is not None:
+            yield reference
+            return
+        with use_adapter(reference, adapter_name="ref" if "ref" in reference.peft_config else None):
+            yield reference
+
+    @staticmethod
+    def _backbone_hidden(model, model_inputs) -> torch.Tensor:
+        """Last hidden states from the model's backbone only: never through the `lm_head` module, whose ZeRO-3
+        hooks would corrupt the policy's next backward; the head's weights are gathered in `_divergence_pass`."""
+        with torch.no_grad():
+            return _causal_lm(model).base_model(**model_inputs, use_cache=False)[0]
+
+    @contextmanager
+    def _captured_policy_hidden(self):
+        """Collects the policy backbone's last hidden states (detached) from the forwards run inside the block."""
+        captured = []
+        backbone = _causal_lm(self._policy()).base_model
+        handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _divergence_pass(self, policy_hidden, ref_hidden, labels) -> TokenStatistics:
+        policy_head = _causal_lm(self._policy()).get_output_embeddings()
+        ref_head = _causal_lm(self._reference()).get_output_embeddings()
+        if self.args.cast_lm_head_to_fp32:
+            policy_hidden, ref_hidden = policy_hidden.float(), ref_hidden.float()
+        # Collective under ZeRO-3: every rank runs it once per chunk, whatever its number of tokens
+        with maybe_gather_lm_head_ctx(policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias):
+            return token_statistics(
+                policy_hidden,
+                policy_head.weight,
+                ref_hidden,
+                ref_head.weight,
+                labels,
+                policy_bias=policy_head.bias,
+                ref_bias=ref_head.bias,
+                temperature=self.temperature,
+                logit_scale=self._logit_scale,
+                final_logit_softcapping=self._softcap,
+                chunk_size=self.dgpo.chunk_size,
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # TRL hooks
+
+    def _generate_and_score_completions(self, inputs):
+        if self.dgpo.score == "uniform":
+            return super()._generate_and_score_completions(inputs)
+        # TRL scores the reference only when beta != 0; DGPO's own reference forward yields those log-probs, so TRL's
+        # is switched off while it scores (restored before anything reads beta again).
+        beta, self.beta = self.beta, 0.0
+        self._scoring = _JointPass(self)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta = beta
+            joint, self._scoring = self._scoring, None
+        if joint.chunks:
+            # TRL ran the policy for pi_old log-probs, and DGPO's statistics came out of that pass for every row
+            completion_ids = output["completion_ids"]
+            rows = torch.arange(completion_ids.size(0), device=completion_ids.device)
+            self._apply_token_weights(output, joint.completion_statistics(completion_ids.size(1)), rows)
+        return output
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._scoring is not None:
+            # TRL's scoring-time policy forward (pi_old log-probs): run it as DGPO's joint pass
+            return super()._get_per_token_logps_and_entropies(
+                self._scoring, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        inputs, self._loss_inputs = self._loss_inputs, None
+        if inputs is None:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # Loss time with pi_theta == pi_old: the training forward provides the policy's hidden states
+        with self._captured_policy_hidden() as captured:
+            result = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        kwargs.update(batch_size=None, compute_entropy=False, compute_aux_loss=False)
+        multimodal = any(value is not None for key, value in kwargs.items() if key not in _SCORING_OPTIONS)
+        rows = self._rows_to_score(inputs["advantages"], subset_allowed=not multimodal)
+        # A sharded model's forward is a collective: a rank with nothing to score still runs one (on row 0, discarded)
+        forward_rows = rows if len(rows) or not self._collective_forwards else rows.new_zeros(1)
+        joint = _JointPass(self, policy_hidden=torch.cat(captured, dim=0)[forward_rows])
+        if len(forward_rows):
+            super()._get_per_token_logps_and_entropies(
+                joint, input_ids[forward_rows], attention_mask[forward_rows], logits_to_keep, **kwargs
+            )
+        stats = joint.completion_statistics(logits_to_keep)
+        self._apply_token_weights(inputs, TokenStatistics(*(x[: len(rows)] for x in stats)), rows)
+        return result
+
+    def _compute_loss(self, model, inputs):
+        if self.dgpo.score != "uniform" and inputs["advantages"].dim() == 1:
+            # Not weighted at scoring time (nor by an earlier iteration over this micro-batch): no optimizer step has
+            # happened since generation, so the training forward below is pi_old and provides the statistics.
+            self._loss_inputs = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_inputs = None
+
+    def _rows_to_score(self, advantages: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
+        """Indices of the completions whose weights matter: those with A_i != 0 (TRL's KL term needs them all)."""
+        if self.dgpo.skip_zero_advantage and self.beta == 0.0 and subset_allowed:
+            return (advantages != 0).nonzero().squeeze(-1)
+        return torch.arange(advantages.size(0), device=advantages.device)
+
+    @property
+    def _collective_forwards(self) -> bool:
+        """Whether a forward is a collective (ZeRO-3 / FSDP gather parameters), so every rank must run as many."""
+        if self.is_fsdp_enabled:
+            return True
+        plugin = self.accelerator.state.deepspeed_plugin
+        return self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Weights and metrics
+
+    def _apply_token_weights(self, inputs: dict, stats: TokenStatistics, rows: torch.Tensor) -> None:
+        """Turns `inputs["advantages"]` (B,) into DGPO's per-token advantages (B, T), in place, and logs metrics.
+
+        `stats` holds the statistics of the completions `rows`, each field (len(rows), T). The other completions
+        have A_i = 0, so their weights never reach the loss; they keep w = 1.
+        """
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        mask = mask.bool()
+        advantages = inputs["advantages"]
+        scored_mask = mask[rows]
+        divergence = stats.divergence(self.dgpo.score)
+        scores = token_scores(divergence, stats.entropy, kappa=self.dgpo.kappa, vocab_size=self._vocab_size)
+        tau = self.dgpo.tau
+        if self.dgpo.target_ess is not None:
+            tau = tau_for_target_ess(
+                scores,
+                scored_mask & (advantages[rows] != 0).unsqueeze(-1),
+                self.dgpo.target_ess,
+                fallback=self.dgpo.tau,
+                reduce=lambda x: self.accelerator.reduce(x, reduction="sum"),
+            )
+        scored_weights = weights_from_scores(scores, scored_mask, tau)
+        weights = mask.float()
+        weights[rows] = scored_weights
+        inputs["advantages"] = advantages.unsqueeze(1) * weights
+        shown = rows[: self.num_completions_to_show]
+        self.last_token_weights = {
+            "completion_ids": inputs["completion_ids"][shown].cpu(),
+            "weights": weights[shown].cpu(),
+            "mask": mask[shown].cpu(),
+            "advantages": advantages[shown].cpu(),
+        }
+        if self.beta != 0.0:  # every row was scored (see `_rows_to_score`)
+            inputs["ref_per_token_logps"] = stats.ref_logps
+        self._log_dgpo_metrics(stats, divergence, scores, scored_weights, scored_mask, tau, len(advantages))
+
+    def _log_dgpo_metrics(self, stats, divergence, scores, weights, mask, tau, batch_rows) -> None:
+        """Logs DGPO's statistics over the scored tokens, reduced across processes, under `dgpo/`."""
+        mode = "train" if self.model.training else "eval"
+        valid = mask & torch.isfinite(scores)
+        non_empty = mask.any(dim=-1)
+        normalized_entropy = (stats.entropy / math.log(self._vocab_size)).clamp(0.0, 1.0)
+
+        def total(x):
+            return torch.where(valid, x, 0.0).sum()
+
+        def maximum(x):
+            return torch.where(valid, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+
+        sums = torch.stack(
+            [
+                total(divergence),
+                total(normalized_entropy),
+                total(scores),
+                total(stats.reverse_kl),
+                total(weights),
+                total(weights.square()),
+                valid.sum().float(),
+                effective_sample_size(weights, mask)[non_empty].sum(),
+                non_empty.sum().float(),
+                nonfinite_sequences(scores, mask).sum().float(),
+                torch.tensor(float(len(mask)), device=mask.device),
+                torch.tensor(float(batch_rows), device=mask.device),
+                torch.tensor(float(tau), device=mask.device),
+            ]
+        )
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        maxima = self.accelerator.gather(torch.stack([maximum(divergence), maximum(weights)]).unsqueeze(0)).amax(0)
+        d, h, s, kl, w, w2, n_tokens, ess, n_seqs, n_nonfinite, n_scored, n_rows, tau_sum = sums.tolist()
+        metrics = self._metrics[mode]
+        metrics["dgpo/nonfinite_sequences"].append(n_nonfinite)
+        metrics["dgpo/scored_fraction"].append(n_scored / max(n_rows, 1.0))
+        metrics["dgpo/tau"].append(tau_sum / self.accelerator.num_processes)
+        if n_tokens == 0:
+            return
+        metrics["dgpo/divergence/mean"].append(d / n_tokens)
+        metrics["dgpo/divergence/max"].append(maxima[0].item())
+        metrics["dgpo/entropy_normalized/mean"].append(h / n_tokens)
+        metrics["dgpo/score/mean"].append(s / n_tokens)
+        metrics["dgpo/reverse_kl/mean"].append(kl / n_tokens)
+        metrics["dgpo/weight/max"].append(maxima[1].item())
+        metrics["dgpo/weight/std"].append(math.sqrt(max(w2 / n_tokens - (w / n_tokens) ** 2, 0.0)))
+        metrics["dgpo/ess"].append(ess / n_seqs)
