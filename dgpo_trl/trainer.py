@@ -189,6 +189,7 @@ class DGPOTrainer(GRPOTrainer):
         model_init_kwargs.setdefault("dtype", self.model.dtype)
         model_init_kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
         ref_model = create_model_from_path(model_id, **model_init_kwargs)
+        ref_model.requires_grad_(False)
         if self.args.disable_dropout:
             disable_dropout_in_model(ref_model)
         if self.is_deepspeed_enabled:

@@ -1,0 +1,89 @@
+"""DGPOConfig: defaults, documentation, and early errors for every invalid value."""
+
+import dataclasses
+import warnings
+
+import pytest
+from conftest import cpu_args
+from trl import GRPOConfig, TrlParser
+
+from dgpo_trl import DGPOConfig
+from dgpo_trl.config import validate_dgpo_arguments
+
+
+DGPO_FIELDS = [f for f in dataclasses.fields(DGPOConfig) if f.name.startswith("dgpo_")]
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    args = DGPOConfig(**cpu_args(tmp_path))
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score) == (0.5, 1.0, "hellinger")
+    assert args.beta == 0.0  # the paper drops the KL term
+    assert args.dgpo_target_ess is None and args.dgpo_skip_zero_advantage is True
+
+
+def test_every_dgpo_field_is_documented():
+    assert {f.name for f in DGPO_FIELDS} >= {"dgpo_tau", "dgpo_kappa", "dgpo_score", "dgpo_chunk_size"}
+    for f in DGPO_FIELDS:
+        assert f.metadata.get("help"), f.name
+        assert f"{f.name} (`" in DGPOConfig.__doc__, f.name
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dgpo_tau", 0.0, "dgpo_tau must be a finite number > 0"),
+        ("dgpo_tau", -1.0, "dgpo_tau must be a finite number > 0"),
+        ("dgpo_tau", float("inf"), "dgpo_tau must be a finite number > 0"),
+        ("dgpo_tau", float("nan"), "dgpo_tau must be a finite number > 0"),
+        ("dgpo_tau", "0.5", "dgpo_tau must be a finite number > 0"),
+        ("dgpo_kappa", -0.1, "dgpo_kappa must be a finite number >= 0"),
+        ("dgpo_kappa", float("nan"), "dgpo_kappa must be a finite number >= 0"),
+        ("dgpo_score", "kl", r"dgpo_score must be one of \['hellinger', 'reverse_kl', 'uniform'\]"),
+        ("dgpo_chunk_size", 0, "dgpo_chunk_size must be an integer >= 1"),
+        ("dgpo_chunk_size", 2.5, "dgpo_chunk_size must be an integer >= 1"),
+        ("dgpo_target_ess", 0.0, r"dgpo_target_ess must be None or a number in \(0, 1\)"),
+        ("dgpo_target_ess", 1.0, r"dgpo_target_ess must be None or a number in \(0, 1\)"),
+        ("dgpo_skip_zero_advantage", "yes", "dgpo_skip_zero_advantage must be True or False"),
+        ("loss_type", "ppo", r"loss_type must be one of \['grpo', "),
+    ],
+)
+def test_invalid_values_raise_at_construction(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DGPOConfig(**cpu_args(tmp_path, **{field: value}))
+
+
+def test_sequence_level_importance_sampling_that_cancels_the_weights_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="importance_sampling_level='sequence'.*cancels"):
+        DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="dapo"))
+    # token-gradient losses and the uniform switch keep working at the sequence level
+    DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="vespo"))
+    DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="luspo", dgpo_score="uniform"))
+
+
+def test_beta_above_zero_warns_but_works(tmp_path):
+    with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty"):
+        args = DGPOConfig(**cpu_args(tmp_path, beta=0.04))
+    assert args.beta == 0.04
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        DGPOConfig(**cpu_args(tmp_path, beta=0.04, dgpo_score="uniform"))
+
+
+def test_a_plain_grpo_config_gets_dgpo_defaults_and_checks(tmp_path):
+    settings = validate_dgpo_arguments(GRPOConfig(**cpu_args(tmp_path)))
+    assert (settings.tau, settings.kappa, settings.score) == (0.5, 1.0, "hellinger")
+    with pytest.raises(ValueError, match="cancels"):
+        validate_dgpo_arguments(GRPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence")))
+
+
+def test_cli_parses_dgpo_fields(tmp_path):
+    parser = TrlParser(DGPOConfig)
+    (args,) = parser.parse_args_and_config(
+        [
+            "--output_dir", str(tmp_path), "--bf16", "false", "--dgpo_tau", "0.7", "--dgpo_kappa", "0",
+            "--dgpo_score", "reverse_kl", "--dgpo_target_ess", "0.8",
+        ]
+    )
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score, args.dgpo_target_ess) == (0.7, 0.0, "reverse_kl", 0.8)
+    with pytest.raises(SystemExit):  # argparse rejects an unknown score before the dataclass is built
+        parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dgpo_score", "forward_kl"])

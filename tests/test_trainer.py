@@ -1,0 +1,309 @@
+"""DGPOTrainer on tiny offline models: drop-in use, equivalences with GRPO, weights, PEFT, resume, robustness."""
+
+import gc
+import math
+import textwrap
+
+import pytest
+import torch
+from conftest import cpu_args
+from trl import GRPOConfig, GRPOTrainer
+
+from dgpo_trl import DGPOConfig, DGPOTrainer, token_statistics_reference, token_weights
+from dgpo_trl.functional import TokenStatistics
+from dgpo_trl.tiny import exact_match_reward
+
+
+def history(trainer, key):
+    return [row[key] for row in trainer.state.log_history if key in row]
+
+
+def train(cls, config_cls, model, dataset, output_dir, peft_config=None, **overrides):
+    trainer = cls(
+        model,
+        exact_match_reward,
+        args=config_cls(**cpu_args(output_dir, **overrides)),
+        train_dataset=dataset,
+        peft_config=peft_config,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_trl_quickstart_runs_with_only_the_class_names_changed(tiny_model_path, reversal_train_dataset, tmp_path):
+    # TRL's GRPO quick-start, with a local tiny model and dataset and CPU settings
+    quickstart = textwrap.dedent(
+        """
+        from trl import GRPOConfig, GRPOTrainer
+
+        training_args = GRPOConfig(output_dir=OUTPUT_DIR, bf16=False, max_steps=2, per_device_train_batch_size=8,
+                                   num_generations=4, max_completion_length=8, report_to="none")
+        trainer = GRPOTrainer(model=MODEL, reward_funcs=exact_match_reward, args=training_args,
+                              train_dataset=dataset)
+        trainer.train()
+        """
+    )
+    for source in (quickstart, quickstart.replace("GRPO", "DGPO").replace("from trl import", "from dgpo_trl import")):
+        scope = {
+            "OUTPUT_DIR": str(tmp_path / "out"),
+            "MODEL": tiny_model_path,
+            "dataset": reversal_train_dataset,
+            "exact_match_reward": exact_match_reward,
+        }
+        exec(source, scope)
+        assert scope["trainer"].state.global_step == 2
+    assert type(scope["trainer"]).__name__ == "DGPOTrainer"
+    assert "dgpo/tau" in scope["trainer"].state.log_history[0]
+
+
+def test_parameters_change_and_metrics_are_logged(warm_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(
+        warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)),
+        train_dataset=reversal_train_dataset,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert all(not p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in ref.named_parameters())  # the reference stays frozen
+    logged = trainer.state.log_history[0]
+    for key in [
+        "dgpo/divergence/mean", "dgpo/divergence/max", "dgpo/entropy_normalized/mean", "dgpo/score/mean",
+        "dgpo/weight/max", "dgpo/weight/std", "dgpo/ess", "dgpo/reverse_kl/mean", "dgpo/nonfinite_sequences",
+        "dgpo/tau", "dgpo/scored_fraction",
+    ]:
+        assert key in logged, key
+    # step 1: pi_theta == pi_ref, so d = 0 and the weights are uniform
+    assert logged["dgpo/divergence/max"] == 0.0 and logged["dgpo/ess"] == 1.0 and logged["dgpo/weight/max"] == 1.0
+    assert max(history(trainer, "dgpo/divergence/max")) > 0.0
+
+
+def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(warm_model_path, reversal_train_dataset, tmp_path):
+    kw = dict(max_steps=2)
+    grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
+    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d", dgpo_tau=0.02, **kw)
+    # Step 1: pi_theta == pi_ref -> w == 1 exactly -> the same loss and gradient as GRPO with beta = 0
+    for key in ("loss", "grad_norm", "reward"):
+        assert history(dgpo, key)[0] == history(grpo, key)[0], key
+    assert history(grpo, "grad_norm")[0] > 0
+    # Step 2: same parameters, same completions (identical rewards), but d > 0 now reweights the tokens
+    assert history(dgpo, "reward")[1] == history(grpo, "reward")[1]
+    assert history(dgpo, "dgpo/weight/std")[1] > 0.01
+    assert not math.isclose(history(dgpo, "grad_norm")[1], history(grpo, "grad_norm")[1], rel_tol=1e-4)
+
+
+def test_uniform_score_reproduces_grpo_without_kl(warm_model_path, reversal_train_dataset, tmp_path):
+    kw = dict(max_steps=3)
+    grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
+    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d",
+                 dgpo_score="uniform", **kw)
+    assert dgpo.ref_model is None  # no reference is loaded for the sanity switch
+    for key in ("loss", "grad_norm", "reward"):
+        assert history(dgpo, key) == history(grpo, key), key
+
+
+def test_peft_reference_is_the_adapter_disabled_model(warm_model_path, reversal_train_dataset, tmp_path):
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"])
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, peft_config=lora,
+                    max_steps=3, learning_rate=3e-3, dgpo_skip_zero_advantage=False)
+    assert trainer.ref_model is None
+    gc.collect()
+    assert sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()) == 1  # no second model in memory
+    divergence = history(trainer, "dgpo/divergence/max")
+    assert divergence[0] == 0.0  # fresh LoRA (B = 0): the policy equals the base model
+    assert divergence[-1] > 0.0  # trained adapter vs disabled adapter
+
+
+def test_pretrained_adapter_gets_a_frozen_ref_copy_when_beta_is_zero(warm_model_path, reversal_train_dataset, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(warm_model_path), LoraConfig(r=4, init_lora_weights=False))
+    args = DGPOConfig(**cpu_args(tmp_path, max_steps=1, dgpo_skip_zero_advantage=False))
+    trainer = DGPOTrainer(model, exact_match_reward, args=args, train_dataset=reversal_train_dataset)
+    assert "ref" in trainer.model.peft_config  # the initial policy, not the base model, is the reference
+    trainer.train()
+    assert history(trainer, "dgpo/divergence/max")[0] == 0.0
+
+
+def test_weights_are_computed_once_and_stay_fixed_across_iterations(warm_model_path, reversal_train_dataset, tmp_path):
+    # Loss-time path (aligned: 4 accumulation steps = 2 micro-batches x 2 iterations) and scoring-time path
+    for name, kw in {
+        "loss_time": dict(num_iterations=2, steps_per_generation=2, gradient_accumulation_steps=4),
+        "scoring_time": dict(num_iterations=2, steps_per_generation=2, gradient_accumulation_steps=1, max_steps=4),
+    }.items():
+        kw.setdefault("max_steps", 2)
+        trainer = DGPOTrainer(
+            warm_model_path, exact_match_reward,
+            args=DGPOConfig(**cpu_args(tmp_path / name, per_device_train_batch_size=16, dgpo_tau=0.05, **kw)),
+            train_dataset=reversal_train_dataset,
+        )
+        weighted, seen = [], {}
+        apply, compute_loss = trainer._apply_token_weights, trainer._compute_loss
+
+        def spy_apply(inputs, stats, rows, apply=apply):
+            weighted.append(id(inputs))
+            return apply(inputs, stats, rows)
+
+        def spy_loss(model, inputs, compute_loss=compute_loss):
+            loss = compute_loss(model, inputs)
+            seen.setdefault(id(inputs), []).append(inputs["advantages"].clone())
+            return loss
+
+        trainer._apply_token_weights, trainer._compute_loss = spy_apply, spy_loss
+        trainer.train()
+        uses = list(seen.values())
+        assert all(len(u) == 2 for u in uses), name  # every micro-batch is trained on twice
+        for first, second in uses:
+            assert first.dim() == 2 and torch.equal(first, second), name
+        if name == "loss_time":
+            assert len(weighted) == len(uses)  # once per micro-batch, on its first use
+        else:
+            assert len(weighted) == len(uses) // 2  # once per generation batch (2 micro-batches each)
+
+
+def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(
+        warm_model_path, exact_match_reward,
+        args=DGPOConfig(**cpu_args(tmp_path, steps_per_generation=2, beta=0.04, max_steps=1)),
+        train_dataset=reversal_train_dataset,
+    )
+    trainer.train()  # one step moves the policy away from the reference
+    batch = [reversal_train_dataset[i // 8] for i in range(32)]
+    output = trainer._generate_and_score_completions(batch)
+    ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    width = output["completion_ids"].size(1)
+    mask = output["completion_mask"].bool()
+    with torch.no_grad():
+        policy_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, width)
+        ref_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, width)
+    torch.testing.assert_close(output["old_per_token_logps"][mask], policy_logps[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output["ref_per_token_logps"][mask], ref_logps[mask], atol=1e-5, rtol=1e-5)
+    assert (policy_logps - ref_logps)[mask].abs().max() > 1e-3
+    # The weights are DGPO's, from full-vocabulary distributions of the two models
+    assert output["advantages"].shape == mask.shape
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    ref = trainer.accelerator.unwrap_model(trainer.ref_model)
+    with torch.no_grad():
+        hp = policy.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -width - 1 : -1]
+        hq = ref.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -width - 1 : -1]
+    naive = token_statistics_reference(
+        hp.reshape(-1, hp.size(-1)), policy.lm_head.weight, hq.reshape(-1, hq.size(-1)), ref.lm_head.weight,
+        temperature=trainer.temperature,
+    )
+    w = token_weights(naive.hellinger.view(mask.shape), naive.entropy.view(mask.shape), mask, tau=0.5, kappa=1.0,
+                      vocab_size=policy.config.vocab_size)
+    informative = output["advantages"].abs().sum(-1) > 0
+    sequence_advantage = output["advantages"].sum(-1) / mask.sum(-1)  # mean weight 1 recovers A_i
+    expected = sequence_advantage.unsqueeze(1) * w
+    torch.testing.assert_close(output["advantages"][informative], expected[informative], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_every_trl_loss_type_trains(warm_model_path, reversal_train_dataset, tmp_path, loss_type):
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, loss_type=loss_type,
+                    max_steps=2, dgpo_tau=0.05)
+    losses = history(trainer, "loss")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert history(trainer, "dgpo/weight/std")[1] > 0
+
+
+def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_dataset, tmp_path):
+    rkl = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "rkl",
+                dgpo_score="reverse_kl", max_steps=2)
+    # the score is the exact reverse KL, which the Hellinger run logs only for monitoring
+    assert history(rkl, "dgpo/divergence/mean")[1] == history(rkl, "dgpo/reverse_kl/mean")[1] > 0
+    adaptive = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "ess",
+                     dgpo_target_ess=0.7, max_steps=3)
+    taus = history(adaptive, "dgpo/tau")
+    assert taus[0] == 0.5  # step 1: flat scores (d = 0), no tau reaches the target: the fixed tau is used
+    assert all(math.isfinite(t) and t > 0 for t in taus) and taus[-1] != 0.5
+    assert history(adaptive, "dgpo/ess")[-1] == pytest.approx(0.7, abs=0.05)
+
+
+def test_eval_dataset_is_scored_with_dgpo(warm_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(
+        warm_model_path, exact_match_reward,
+        args=DGPOConfig(**cpu_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2,
+                                   per_device_eval_batch_size=16)),
+        train_dataset=reversal_train_dataset, eval_dataset=reversal_train_dataset.select(range(8)),
+    )
+    trainer.train()
+    evaluated = [row for row in trainer.state.log_history if "eval_loss" in row]
+    assert evaluated and math.isfinite(evaluated[0]["eval_loss"]) and "eval_dgpo/tau" in evaluated[0]
+
+
+def test_checkpoint_resume_gives_the_same_next_step(warm_model_path, reversal_train_dataset, tmp_path):
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2, dgpo_tau=0.05)
+    full = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "full", **kw)
+    resumed = DGPOTrainer(
+        warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path / "resumed", **kw)),
+        train_dataset=reversal_train_dataset,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+
+    def after_resume(trainer, key):
+        return [row[key] for row in trainer.state.log_history if key in row and row["step"] > 2]
+
+    assert len(after_resume(full, "loss")) == 2
+    assert max(map(abs, after_resume(full, "loss") + after_resume(full, "grad_norm"))) > 0  # the steps do something
+    for key in ("loss", "grad_norm", "reward", "dgpo/weight/std"):
+        assert after_resume(resumed, key) == pytest.approx(after_resume(full, key), rel=1e-6, abs=1e-9), key
+
+
+def test_nonfinite_statistics_never_reach_the_loss(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch):
+    import dgpo_trl.trainer as trainer_module
+
+    real = trainer_module.token_statistics
+
+    def poisoned(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        hellinger = stats.hellinger.clone()
+        hellinger[0] = float("nan")  # e.g. a bf16 overflow in one logit tile
+        return stats._replace(hellinger=hellinger)
+
+    monkeypatch.setattr(trainer_module, "token_statistics", poisoned)
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=2)
+    assert all(math.isfinite(x) for x in history(trainer, "loss") + history(trainer, "grad_norm"))
+    assert all(n >= 1 for n in history(trainer, "dgpo/nonfinite_sequences")[1:])
+
+
+def test_tool_tokens_get_no_weight_and_do_not_count(warm_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.1)),
+                          train_dataset=reversal_train_dataset)
+    g = torch.Generator().manual_seed(0)
+    shape = (3, 6)
+    stats = TokenStatistics(*(torch.rand(shape, generator=g) * 3 for _ in TokenStatistics._fields))
+    inputs = {
+        "completion_ids": torch.zeros(shape, dtype=torch.long),
+        "completion_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]),
+        "tool_mask": torch.tensor([[1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]),
+        "advantages": torch.tensor([2.0, -1.0, 0.5]),
+    }
+    trainer._apply_token_weights(inputs, stats, torch.arange(3))
+    per_token = inputs["advantages"]
+    valid = torch.tensor([[1, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]).bool()
+    assert (per_token[~valid] == 0).all()
+    # T_i counts the model's own tokens only: 3 in row 0, so the mean weight over them is exactly 1
+    assert per_token[0][valid[0]].sum().item() == pytest.approx(2.0 * 3)
+    assert per_token[1][valid[1]].sum().item() == pytest.approx(-1.0 * 3)
+    assert torch.isfinite(per_token).all()
+
+
+def test_an_in_memory_model_without_a_path_gets_a_clear_error(reversal_train_dataset, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dgpo_trl.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="config._name_or_path"):
+        DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                    train_dataset=reversal_train_dataset, processing_class=tokenizer)
