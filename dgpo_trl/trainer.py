@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
     create_model_from_path,
     disable_dropout_in_model,
@@ -149,10 +150,26 @@ class DGPOTrainer(GRPOTrainer):
                 if ".default." in name:
                     model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
 
-        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        # TRL refuses `sync_ref_model` with beta = 0 because it then loads no reference; DGPO loads one (not for PEFT,
+        # where TRL does not support syncing either), so it keeps the option and registers TRL's callback itself.
+        sync_reference = needs_reference and args.sync_ref_model and args.beta == 0.0
+        if sync_reference:
+            if peft_config is not None or (not isinstance(model, str) and is_peft_model(model)):
+                raise NotImplementedError(
+                    "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
+                    "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
+                )
+            args.sync_ref_model = False
+        try:
+            super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        finally:
+            if sync_reference:
+                args.sync_ref_model = True
 
         if needs_reference and self.ref_model is None and not is_peft_model(self.model):
             self.ref_model = self._load_reference_model(trainer_kwargs.get("quantization_config"))
+        if sync_reference:
+            self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         policy = _causal_lm(self._policy())
         self._logit_scale, self._softcap = logit_transform(policy.config)
         head = policy.get_output_embeddings()

@@ -307,3 +307,17 @@ def test_an_in_memory_model_without_a_path_gets_a_clear_error(reversal_train_dat
     with pytest.raises(ValueError, match="config._name_or_path"):
         DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
                     train_dataset=reversal_train_dataset, processing_class=tokenizer)
+
+
+def test_sync_ref_model_works_without_kl(warm_model_path, reversal_train_dataset, tmp_path):
+    # TRL only allows syncing with beta > 0 (it loads no reference otherwise); DGPO always has one
+    synced = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "s", max_steps=3,
+                   sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0,
+                   dgpo_skip_zero_advantage=False)
+    policy = synced.accelerator.unwrap_model(synced.model)
+    ref = synced.accelerator.unwrap_model(synced.ref_model)
+    assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
+    assert history(synced, "dgpo/divergence/max") == [0.0, 0.0, 0.0]  # the reference follows the policy
+    frozen = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "f", max_steps=3,
+                   dgpo_skip_zero_advantage=False)
+    assert history(frozen, "dgpo/divergence/max")[-1] > 0.0
