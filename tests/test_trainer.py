@@ -80,8 +80,12 @@ def test_parameters_change_and_metrics_are_logged(warm_model_path, reversal_trai
     assert max(history(trainer, "dgpo/divergence/max")) > 0.0
 
 
-def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(warm_model_path, reversal_train_dataset, tmp_path):
-    kw = dict(max_steps=2)
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(
+    warm_model_path, reversal_train_dataset, tmp_path, gradient_checkpointing
+):
+    # TRL enables gradient checkpointing by default; DGPO reads the policy's hidden states from that forward
+    kw = dict(max_steps=2, gradient_checkpointing=gradient_checkpointing)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
     dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d", dgpo_tau=0.02, **kw)
     # Step 1: pi_theta == pi_ref -> w == 1 exactly -> the same loss and gradient as GRPO with beta = 0
@@ -110,7 +114,7 @@ def test_peft_reference_is_the_adapter_disabled_model(warm_model_path, reversal_
 
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"])
     trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, peft_config=lora,
-                    max_steps=3, learning_rate=3e-3, dgpo_skip_zero_advantage=False)
+                    max_steps=3, learning_rate=3e-3, dgpo_skip_zero_advantage=False, gradient_checkpointing=True)
     assert trainer.ref_model is None
     gc.collect()
     assert sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()) == 1  # no second model in memory
