@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -141,8 +142,12 @@ class DGPOTrainer(GRPOTrainer):
         # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
         self.dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
         needs_reference = self.dgpo.score != "uniform"
-        peft_config = trainer_kwargs.get("peft_config")
-        if needs_reference and peft_config is None and not isinstance(model, str) and is_peft_model(model) and args.beta == 0.0:
+        given = inspect.signature(GRPOTrainer.__init__).bind(
+            self, model, reward_funcs, args, *trainer_args, **trainer_kwargs
+        ).arguments
+        peft_config = given.get("peft_config")
+        wrapped_peft_model = not isinstance(model, str) and is_peft_model(model)
+        if needs_reference and peft_config is None and wrapped_peft_model and args.beta == 0.0:
             # TRL keeps a frozen copy of a pretrained adapter as the "ref" adapter only when beta != 0. DGPO's
             # reference is the initial policy whatever beta is, so make the same copy.
             model.add_adapter("ref", model.peft_config["default"])
@@ -154,7 +159,7 @@ class DGPOTrainer(GRPOTrainer):
         # where TRL does not support syncing either), so it keeps the option and registers TRL's callback itself.
         sync_reference = needs_reference and args.sync_ref_model and args.beta == 0.0
         if sync_reference:
-            if peft_config is not None or (not isinstance(model, str) and is_peft_model(model)):
+            if peft_config is not None or wrapped_peft_model:
                 raise NotImplementedError(
                     "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
                     "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
@@ -167,7 +172,7 @@ class DGPOTrainer(GRPOTrainer):
                 args.sync_ref_model = True
 
         if needs_reference and self.ref_model is None and not is_peft_model(self.model):
-            self.ref_model = self._load_reference_model(trainer_kwargs.get("quantization_config"))
+            self.ref_model = self._load_reference_model(given.get("quantization_config"))
         if sync_reference:
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         policy = _causal_lm(self._policy())
