@@ -61,39 +61,56 @@ def _causal_lm(model):
     return model.get_base_model() if is_peft_model(model) else model
 
 
+@contextmanager
+def _captured_hidden(backbone: torch.nn.Module):
+    """Collects `backbone`'s last hidden states (detached) from the forwards run inside the block."""
+    captured = []
+    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
 class _JointPass:
     """Stands in for the policy model inside `GRPOTrainer._get_per_token_logps_and_entropies`.
 
     TRL's method slices the batch into row chunks, builds each chunk's model inputs (multimodal fields included) and
-    labels, and calls `model(**inputs, labels=labels, fused_lm_head=True)`. Passing this object instead of the model
-    lets DGPO reuse that input building while it runs, per chunk, one reference forward (and one policy forward,
-    unless the policy's hidden states are given) and the divergence pass over the scored positions. It returns the
-    policy's label log-probabilities and entropy exactly where TRL's fused head would, and keeps the statistics.
+    labels, and calls `model(**inputs, labels=labels, fused_lm_head=True)`. Passing this object instead lets DGPO reuse
+    that input building, and run, per chunk, the reference forward and the divergence pass over the scored positions.
+
+    The policy's hidden states come from a forward TRL runs anyway: at scoring time this object runs TRL's own call on
+    `policy` (the model TRL asked for) and returns TRL its output; at loss time they are given, captured from TRL's
+    training forward.
     """
 
-    def __init__(self, trainer: DGPOTrainer, policy_hidden: torch.Tensor | None = None):
+    def __init__(self, trainer: DGPOTrainer, policy=None, policy_hidden: torch.Tensor | None = None):
         self.trainer = trainer
-        self.policy_hidden = policy_hidden  # (B, L, H) from the training forward, or None to run the policy here
+        self.policy = policy
+        self.policy_hidden = policy_hidden  # (B, L, H)
         self.rows_done = 0
         self.chunks: list[TokenStatistics] = []
 
     def __call__(self, labels, fused_lm_head=True, **model_inputs):
         trainer = self.trainer
-        rows = labels.shape[0]
-        if self.policy_hidden is None:
-            policy_hidden = trainer._backbone_hidden(trainer._policy(), model_inputs)
+        output = None
+        if self.policy is not None:
+            with trainer._captured_policy_hidden() as captured:
+                output = self.policy(**model_inputs, labels=labels, fused_lm_head=True)
+            policy_hidden = captured[0]
         else:
-            policy_hidden = self.policy_hidden[self.rows_done : self.rows_done + rows]
-        self.rows_done += rows
-        with trainer._as_reference() as reference:
-            ref_hidden = trainer._backbone_hidden(reference, model_inputs)
+            policy_hidden = self.policy_hidden[self.rows_done : self.rows_done + labels.shape[0]]
+            self.rows_done += labels.shape[0]
+        ref_hidden = trainer._reference_hidden(model_inputs)
         # Position t's hidden state predicts token t + 1; only completion tokens carry a label
         targets = labels[:, 1:]
         mask = targets != -100
         stats = trainer._divergence_pass(policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask], targets[mask])
         per_position = TokenStatistics(*(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats))
         self.chunks.append(per_position)
-        return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
+        if output is None:
+            output = SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
+        return output
 
     def completion_statistics(self, logits_to_keep: int) -> TokenStatistics:
         """The collected statistics over the completion positions, each (rows, logits_to_keep); rows may be 0."""
@@ -116,11 +133,13 @@ class DGPOTrainer(GRPOTrainer):
 
     pi_theta is the policy that generated the batch (pi_old), and each completion's weights are computed once:
     - when TRL runs a policy forward at scoring time for pi_old log-probs (off-policy steps or vLLM importance
-      sampling), DGPO computes its statistics inside that same forward and returns TRL its log-probs from it;
+      sampling), DGPO takes pi_theta's hidden states from that forward, chunk by chunk, and adds the reference forward
+      and its divergence pass; TRL's log-probs are its own;
     - otherwise the parameters cannot change before the completion is trained on, so DGPO takes pi_theta's hidden
-      states from the training forward itself (no extra policy forward) and runs only the reference forward.
-    Either way there is one reference forward and at most one policy forward per completion beyond GRPO's training
-    forward, and the divergence pass works on (tokens x vocabulary) tiles, never on full logits.
+      states from the training forward itself and runs only the reference forward, for the completions whose
+      advantage is nonzero (`dgpo_skip_zero_advantage`).
+    Either way DGPO adds no policy forward, one reference forward per scored completion (replacing TRL's when
+    beta > 0), and a divergence pass over (tokens x vocabulary) tiles that never holds full logits.
 
     What is overridden, and why:
     - `__init__`: loads the frozen reference when DGPO needs one and TRL would not (beta = 0), the way TRL loads its
@@ -128,7 +147,7 @@ class DGPOTrainer(GRPOTrainer):
     - `_generate_and_score_completions`: switches off TRL's reference forward (DGPO's pass yields those log-probs)
       and applies the weights when they were computed at scoring time.
     - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time policy forward, and the loss-time statistics,
-      through DGPO's joint pass.
+      through DGPO's joint pass (`_JointPass`), which reuses TRL's own input building.
     - `_compute_loss`: marks the micro-batch whose weights are computed from the training forward.
     """
 
@@ -224,36 +243,30 @@ class DGPOTrainer(GRPOTrainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _reference(self):
-        """The frozen reference model, or for PEFT the policy itself (see `_as_reference`)."""
+        """The frozen reference model (unwrapped), or with PEFT the policy itself, whose adapter `_reference_hidden`
+        disables."""
         return self._policy() if self.ref_model is None else self.accelerator.unwrap_model(self.ref_model)
 
-    @contextmanager
-    def _as_reference(self):
-        """Yields the reference model: the frozen copy, or the policy with its adapter disabled ("ref" if present)."""
+    def _reference_hidden(self, model_inputs) -> torch.Tensor:
+        """The reference's last hidden states for a chunk of TRL-built model inputs.
+
+        A full reference runs its own forward through its root module, so ZeRO-3 and FSDP gather what they shard, with
+        `logits_to_keep=1` so its LM head projects one position only. With PEFT the policy's backbone runs with the
+        adapter disabled (TRL's frozen "ref" adapter if present) and never through the `lm_head` module: under ZeRO-3
+        that module call would corrupt the policy's next backward. The LM-head weights are used in `_divergence_pass`.
+        """
         reference = self._reference()
-        if self.ref_model is not None:
-            yield reference
-            return
-        with use_adapter(reference, adapter_name="ref" if "ref" in reference.peft_config else None):
-            yield reference
-
-    @staticmethod
-    def _backbone_hidden(model, model_inputs) -> torch.Tensor:
-        """Last hidden states from the model's backbone only: never through the `lm_head` module, whose ZeRO-3
-        hooks would corrupt the policy's next backward; the head's weights are gathered in `_divergence_pass`."""
         with torch.no_grad():
-            return _causal_lm(model).base_model(**model_inputs, use_cache=False)[0]
+            if self.ref_model is not None:
+                with _captured_hidden(_causal_lm(reference).base_model) as captured:
+                    self.ref_model(**model_inputs, logits_to_keep=1, use_cache=False)
+                return captured[0]
+            with use_adapter(reference, adapter_name="ref" if "ref" in reference.peft_config else None):
+                return _causal_lm(reference).base_model(**model_inputs, use_cache=False)[0]
 
-    @contextmanager
     def _captured_policy_hidden(self):
-        """Collects the policy backbone's last hidden states (detached) from the forwards run inside the block."""
-        captured = []
-        backbone = _causal_lm(self._policy()).base_model
-        handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
-        try:
-            yield captured
-        finally:
-            handle.remove()
+        """Collects the policy backbone's last hidden states from the forwards run inside the block."""
+        return _captured_hidden(_causal_lm(self._policy()).base_model)
 
     def _divergence_pass(self, policy_hidden, ref_hidden, labels) -> TokenStatistics:
         policy_head = _causal_lm(self._policy()).get_output_embeddings()
@@ -300,7 +313,8 @@ class DGPOTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if self._scoring is not None:
-            # TRL's scoring-time policy forward (pi_old log-probs): run it as DGPO's joint pass
+            # TRL's scoring-time policy forward (pi_old log-probs): DGPO's joint pass runs it and adds the reference
+            self._scoring.policy = model
             return super()._get_per_token_logps_and_entropies(
                 self._scoring, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
