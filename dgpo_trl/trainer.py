@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.distributed.tensor import DTensor
 from transformers.utils import logging
 
 from trl import GRPOTrainer
@@ -59,6 +60,11 @@ def logit_transform(config) -> tuple[float, float | None]:
 def _causal_lm(model):
     """The `PreTrainedModel` under a PEFT wrapper (adapter layers included), or the model itself."""
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def _full(param: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor of a parameter FSDP2 shards as a DTensor (as TRL's fused LM head gathers it)."""
+    return param.full_tensor() if isinstance(param, DTensor) else param
 
 
 @contextmanager
@@ -273,16 +279,16 @@ class DGPOTrainer(GRPOTrainer):
         ref_head = _causal_lm(self._reference()).get_output_embeddings()
         if self.args.cast_lm_head_to_fp32:
             policy_hidden, ref_hidden = policy_hidden.float(), ref_hidden.float()
-        # Collective under ZeRO-3: every rank runs it once per chunk, whatever its number of tokens
+        # Collective under ZeRO-3 (and FSDP2): every rank runs it once per chunk, whatever its number of tokens
         with maybe_gather_lm_head_ctx(policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias):
             return token_statistics(
                 policy_hidden,
-                policy_head.weight,
+                _full(policy_head.weight),
                 ref_hidden,
-                ref_head.weight,
+                _full(ref_head.weight),
                 labels,
-                policy_bias=policy_head.bias,
-                ref_bias=ref_head.bias,
+                policy_bias=_full(policy_head.bias),
+                ref_bias=_full(ref_head.bias),
                 temperature=self.temperature,
                 logit_scale=self._logit_scale,
                 final_logit_softcapping=self._softcap,
