@@ -15,12 +15,15 @@ exist for more than one tile. The Bhattacharyya coefficient needs no second pass
 
     sum_a sqrt(p_a q_a) = exp(LSE((z_p + z_q) / 2) - (LSE(z_p) + LSE(z_q)) / 2)
 
-`token_statistics_reference` is the naive float64 full-softmax version the tiled one is tested against.
+`token_statistics_reference` is the naive float64 full-softmax version the tiled one is tested against. On CUDA, when
+Triton is installed, `token_statistics` runs the same pass as one fused kernel (`dgpo_trl.kernels`) instead of the
+torch tiles; `use_triton=False` or the environment variable `DGPO_TRITON=0` keeps the torch tiles.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -112,6 +115,23 @@ class _OnlineLogSumExp:
         return self.max + torch.log(self.total)
 
 
+def _use_fused_kernel(policy_hidden: torch.Tensor, use_triton: bool | None) -> bool:
+    """Whether `token_statistics` dispatches to the fused Triton kernel (see its `use_triton` argument)."""
+    if use_triton is False:
+        return False
+    from .kernels import divergence
+
+    runnable = divergence.triton_available() and (policy_hidden.is_cuda or divergence.INTERPRETER)
+    if use_triton:
+        if not runnable:
+            raise ValueError(
+                "use_triton=True needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                f"triton installed: {divergence.triton_available()}, device: {policy_hidden.device}."
+            )
+        return True
+    return runnable and policy_hidden.is_cuda and os.environ.get("DGPO_TRITON", "1") != "0"
+
+
 def token_statistics(
     policy_hidden: torch.Tensor,
     policy_weight: torch.Tensor,
@@ -126,6 +146,7 @@ def token_statistics(
     final_logit_softcapping: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     token_chunk_size: int = DEFAULT_TOKEN_CHUNK_SIZE,
+    use_triton: bool | None = None,
 ) -> TokenStatistics:
     """Per-token statistics of pi_theta and pi_ref from last hidden states and LM-head weights, in one tiled pass.
 
@@ -138,11 +159,30 @@ def token_statistics(
         logit_scale, final_logit_softcapping: the model's output transform, applied before the temperature as TRL's
             fused LM head does: z = softcap * tanh(scale * logits / softcap) / temperature.
         chunk_size: vocabulary tile width. token_chunk_size: tokens per tile.
+        use_triton: `None` (default) runs the fused Triton kernel ([`dgpo_trl.kernels.fused_token_statistics`]) on
+            CUDA tensors when Triton is installed and `DGPO_TRITON` is not `0`, and the torch tiles otherwise; `False`
+            always runs the torch tiles; `True` requires the kernel. The kernel never materialises a logit tile, so
+            `chunk_size` and `token_chunk_size` do not apply to it; its extra memory is bounded by its own constants.
 
     Returns:
         [`TokenStatistics`], each field (N,) float32. Memory beyond the outputs is O(token_chunk_size * chunk_size),
         independent of N.
     """
+    if _use_fused_kernel(policy_hidden, use_triton):
+        from .kernels import fused_token_statistics
+
+        return fused_token_statistics(
+            policy_hidden,
+            policy_weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            policy_bias=policy_bias,
+            ref_bias=ref_bias,
+            temperature=temperature,
+            logit_scale=logit_scale,
+            final_logit_softcapping=final_logit_softcapping,
+        )
     if policy_hidden.shape[0] != ref_hidden.shape[0]:
         raise ValueError(f"policy_hidden has {policy_hidden.shape[0]} rows but ref_hidden has {ref_hidden.shape[0]}.")
     if policy_weight.shape[0] != ref_weight.shape[0]:
