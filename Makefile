@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# Triton runs the fused kernel's parity test in its interpreter on CPU; GPU torch builds ship their own Triton
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install --quiet triton
 	touch $@
 
 install: $(VENV)/.installed
