@@ -62,57 +62,74 @@ class TokenStatistics(NamedTuple):
         raise ValueError(f"score must be 'hellinger' or 'reverse_kl' to select a divergence, got {score!r}.")
 
 
-def _logits(hidden, weight, bias, start, end, logit_scale, final_logit_softcapping, temperature):
-    """One vocabulary tile of logits, in float32, transformed exactly as TRL's fused LM head transforms them."""
+def _logits(out, hidden, weight, bias, start, end, logit_scale, final_logit_softcapping, temperature):
+    """One vocabulary tile of logits, in float32, written into `out` and transformed as TRL's fused LM head does."""
     w = weight[start:end]
     if hidden.device.type == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16) and w.dtype == hidden.dtype:
         # Tensor cores with fp32 accumulation and an fp32 result: rounding logits to bf16 would bias the statistics
-        z = torch.mm(hidden, w.t(), out_dtype=torch.float32)
+        torch.mm(hidden, w.t(), out_dtype=torch.float32, out=out)
     else:
-        z = hidden.float() @ w.float().t()
+        torch.mm(hidden.float(), w.float().t(), out=out)
     if bias is not None:
-        z += bias[start:end].float()
+        out += bias[start:end].float()
     if logit_scale != 1.0:
-        z *= logit_scale
+        out *= logit_scale
     if final_logit_softcapping is not None:
-        z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+        out.div_(final_logit_softcapping).tanh_().mul_(final_logit_softcapping)
     if temperature != 1.0:
-        z /= temperature
-    return z
+        out /= temperature
+    return out
 
 
-class _OnlineLogSumExp:
-    """Running log-sum-exp over vocabulary tiles, with the extra sums DGPO needs, all rescaled to the running max.
+class _TileFold:
+    """Running sums of one chunk of tokens over vocabulary tiles, rescaled to the running maxima m_p and m_q.
 
-    `total` = sum exp(z - max); `shifted` = sum exp(z - max) * (z - max) (entropy, kept shifted so that a
-    confident distribution's entropy does not cancel catastrophically); `gap` = sum exp(z - max) * g for an
-    auxiliary per-logit tensor g (used for E_p[z_p - z_q], the reverse KL).
+    With e_p = exp(z_p - m_p) and e_q = exp(z_q - m_q):
+    `total_p` = sum e_p and `total_q` = sum e_q (the log-sum-exps); `entropy` = sum e_p (z_p - m_p) (kept shifted, so
+    a confident distribution's entropy does not cancel catastrophically); `cross` = sum e_p (z_q - m_q) (for
+    E_p[z_p - z_q], the reverse KL); `overlap` = sum sqrt(e_p e_q) = sum exp((z_p + z_q) / 2 - (m_p + m_q) / 2), the
+    Bhattacharyya sum, shifted by the mean of the two maxima so it needs no maximum of its own and stays <= 1 per term.
     """
 
-    def __init__(self, rows: int, device, track_shifted: bool = False, track_gap: bool = False):
-        self.max = torch.full((rows,), -math.inf, device=device)
-        self.total = torch.zeros(rows, device=device)
-        self.shifted = torch.zeros(rows, device=device) if track_shifted else None
-        self.gap = torch.zeros(rows, device=device) if track_gap else None
+    def __init__(self, rows: int, device):
+        self.max_p = torch.full((rows,), -math.inf, device=device)
+        self.max_q = torch.full((rows,), -math.inf, device=device)
+        self.total_p, self.total_q, self.entropy, self.cross, self.overlap = torch.zeros(5, rows, device=device)
 
-    def update(self, z: torch.Tensor, gap: torch.Tensor | None = None) -> None:
-        new_max = torch.maximum(self.max, z.amax(dim=-1))
-        # An all -inf row keeps max = -inf; shifting by 0 there keeps exp() at 0 instead of NaN
-        safe_max = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-        rescale = torch.exp(self.max - safe_max)
-        shifted_z = z - safe_max.unsqueeze(-1)
-        e = torch.exp(shifted_z)
-        if self.shifted is not None:
-            # sum e^(z - m')(z - m') = r * (sum e^(z - m)(z - m) + (m - m') * sum e^(z - m)) + new terms
-            moved = torch.where(torch.isfinite(self.max), self.max - safe_max, torch.zeros_like(safe_max))
-            self.shifted = rescale * (self.shifted + moved * self.total) + (e * shifted_z).sum(dim=-1)
-        if self.gap is not None:
-            self.gap = rescale * self.gap + (e * gap).sum(dim=-1)
-        self.total = rescale * self.total + e.sum(dim=-1)
-        self.max = new_max
+    @staticmethod
+    def _shift(old_max: torch.Tensor, tile: torch.Tensor):
+        new_max = torch.maximum(old_max, tile.amax(dim=-1))
+        # A row still at -inf shifts by 0, so exp() gives 0 instead of NaN
+        safe = torch.where(torch.isfinite(new_max), new_max, 0.0)
+        moved = torch.where(torch.isfinite(old_max), old_max - safe, 0.0)
+        return new_max, safe, torch.exp(old_max - safe), moved
 
-    def log_normalizer(self) -> torch.Tensor:
-        return self.max + torch.log(self.total)
+    def update(self, z_p: torch.Tensor, z_q: torch.Tensor, e_p: torch.Tensor, e_q: torch.Tensor) -> None:
+        """Folds one tile in. Overwrites z_p, z_q with the shifted logits and uses e_p, e_q as scratch."""
+        self.max_p, safe_p, rescale_p, moved_p = self._shift(self.max_p, z_p)
+        self.max_q, safe_q, rescale_q, moved_q = self._shift(self.max_q, z_q)
+        s_p, s_q = z_p.sub_(safe_p.unsqueeze(-1)), z_q.sub_(safe_q.unsqueeze(-1))
+        torch.exp(s_p, out=e_p)
+        torch.exp(s_q, out=e_q)
+        # sum e^(z - m')(y - n') = r * (sum e^(z - m)(y - n) + (n - n') * sum e^(z - m)) + the tile's terms
+        self.entropy = rescale_p * (self.entropy + moved_p * self.total_p) + torch.einsum("ij,ij->i", e_p, s_p)
+        self.cross = rescale_p * (self.cross + moved_q * self.total_p) + torch.einsum("ij,ij->i", e_p, s_q)
+        self.total_p = rescale_p * self.total_p + e_p.sum(dim=-1)
+        self.total_q = rescale_q * self.total_q + e_q.sum(dim=-1)
+        self.overlap = torch.sqrt(rescale_p * rescale_q) * self.overlap + e_p.mul_(e_q).sqrt_().sum(dim=-1)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        log_total_p, log_total_q = torch.log(self.total_p), torch.log(self.total_q)
+        # log BC = log overlap + (m_p + m_q) / 2 - (LSE_p + LSE_q) / 2; -expm1 keeps small distances exact
+        log_bc = torch.log(self.overlap) - 0.5 * (log_total_p + log_total_q)
+        return {
+            "hellinger": (-torch.expm1(log_bc)).clamp(0.0, 1.0),
+            # E_p[z_p - z_q] - LSE_p + LSE_q, with the maxima cancelled out
+            "reverse_kl": ((self.entropy - self.cross) / self.total_p - log_total_p + log_total_q).clamp_min(0.0),
+            "entropy": (log_total_p - self.entropy / self.total_p).clamp_min(0.0),
+            "lse_p": self.max_p + log_total_p,
+            "lse_q": self.max_q + log_total_q,
+        }
 
 
 def _use_fused_kernel(policy_hidden: torch.Tensor, use_triton: bool | None) -> bool:
@@ -199,37 +216,33 @@ def token_statistics(
         "logit_scale": logit_scale,
         "final_logit_softcapping": final_logit_softcapping,
     }
+    # Four tile buffers, reused for every tile: the two models' logits and their exponentials
+    buffers = torch.empty(4, min(token_chunk_size, n_tokens), min(chunk_size, vocab), device=device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for t0 in range(0, n_tokens, token_chunk_size):
             t1 = min(t0 + token_chunk_size, n_tokens)
-            rows = t1 - t0
             h_p, h_q = policy_hidden[t0:t1], ref_hidden[t0:t1]
-            p = _OnlineLogSumExp(rows, device, track_shifted=True, track_gap=True)
-            q = _OnlineLogSumExp(rows, device)
-            mid = _OnlineLogSumExp(rows, device)
-            label_p = torch.zeros(rows, device=device)
-            label_q = torch.zeros(rows, device=device)
+            fold = _TileFold(t1 - t0, device)
+            label_p = torch.zeros(t1 - t0, device=device)
+            label_q = torch.zeros(t1 - t0, device=device)
             tile_labels = None if labels is None else labels[t0:t1]
             for v0 in range(0, vocab, chunk_size):
                 v1 = min(v0 + chunk_size, vocab)
-                z_p = _logits(h_p, policy_weight, policy_bias, v0, v1, **transform)
-                z_q = _logits(h_q, ref_weight, ref_bias, v0, v1, **transform)
-                p.update(z_p, gap=z_p - z_q)
-                q.update(z_q)
-                mid.update(0.5 * (z_p + z_q))
+                z_p, z_q, e_p, e_q = buffers[:, : t1 - t0, : v1 - v0]
+                _logits(z_p, h_p, policy_weight, policy_bias, v0, v1, **transform)
+                _logits(z_q, h_q, ref_weight, ref_bias, v0, v1, **transform)
                 if tile_labels is not None:
                     in_tile = (tile_labels >= v0) & (tile_labels < v1)
                     local = (tile_labels - v0).clamp(0, v1 - v0 - 1).unsqueeze(-1)
                     label_p += torch.where(in_tile, z_p.gather(-1, local).squeeze(-1), 0.0)
                     label_q += torch.where(in_tile, z_q.gather(-1, local).squeeze(-1), 0.0)
-            lse_p, lse_q, lse_mid = p.log_normalizer(), q.log_normalizer(), mid.log_normalizer()
+                fold.update(z_p, z_q, e_p, e_q)
+            stats = fold.statistics()
             if tile_labels is not None:
-                out["policy_logps"][t0:t1] = label_p - lse_p
-                out["ref_logps"][t0:t1] = label_q - lse_q
-            # log BC = LSE(mid) - (LSE_p + LSE_q) / 2 <= 0; -expm1 keeps small distances exact
-            out["hellinger"][t0:t1] = (-torch.expm1(lse_mid - 0.5 * (lse_p + lse_q))).clamp(0.0, 1.0)
-            out["reverse_kl"][t0:t1] = (p.gap / p.total - lse_p + lse_q).clamp_min(0.0)
-            out["entropy"][t0:t1] = (torch.log(p.total) - p.shifted / p.total).clamp_min(0.0)
+                out["policy_logps"][t0:t1] = label_p - stats["lse_p"]
+                out["ref_logps"][t0:t1] = label_q - stats["lse_q"]
+            for name in ("hellinger", "reverse_kl", "entropy"):
+                out[name][t0:t1] = stats[name]
     return TokenStatistics(**out)
 
 
