@@ -1,0 +1,308 @@
+"""One rank of a multi-process DGPO run: what `tests/test_distributed.py` launches with `accelerate launch`.
+
+Runs one or more short DGPO trainings ("runs") in this process and writes, per run and per rank, everything the test
+needs to check them from outside: the world size and backend actually in use, every call to
+`DGPOTrainer._apply_token_weights` (the rows scored, their padded inputs, their token weights and advantages, and at
+scoring time TRL's old log-probs), per-step counts of reference-backbone forwards and divergence passes (collectives
+under ZeRO-3), the full parameters at the start of every step (gathered under ZeRO-3; rank 0 only) and at the end
+(every rank), the log history, the number of causal-LM instances alive, and this process's peak RSS.
+
+Runs:
+  full     full-model DGPO, statistics at loss time (the default: steps_per_generation == gradient_accumulation_steps).
+  scoring  full-model DGPO, statistics at scoring time (steps_per_generation=2 > gradient_accumulation_steps=1:
+           TRL runs a policy forward for old log-probs, which DGPO's joint pass replaces).
+  lora     LoRA (PEFT) DGPO, loss time: the reference is the policy with its adapter disabled; no second model.
+With --starve-step S (loss-time runs), at global step S every completion on rank --starve-rank gets the same reward, so
+that rank has no completion with a nonzero advantage and nothing to score (the dummy-forward path under ZeRO-3).
+
+Launch (see accelerate_configs/cpu_*.yaml):
+  OMP_NUM_THREADS=1 accelerate launch --config_file accelerate_configs/cpu_zero3.yaml \
+      tests/distributed/dgpo_worker.py --model /path/to/tiny --out /tmp/out --runs lora,full,scoring
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import time
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+
+# Shared with tests/test_distributed.py, which recomputes the weights with the same settings
+SETTINGS = {
+    "per_device_train_batch_size": 8,
+    "num_generations": 4,
+    "max_completion_length": 8,
+    "learning_rate": 3e-3,
+    "temperature": 0.8,
+    "dgpo_tau": 0.005,
+    "dgpo_kappa": 1.0,
+}
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora_dropout": 0.0}
+# Per-run overrides. LoRA moves the policy less per step, so it gets a larger learning rate: its token weights must
+# spread enough after one step for a wrong reference or misaligned rows to show in the comparison.
+RUN_SETTINGS = {
+    # Adaptive tau: every rank must bisect on the global mean ESS (a collective per iteration, starved rank included)
+    "full": {"dgpo_target_ess": 0.9},
+    "scoring": {"steps_per_generation": 2},  # > gradient_accumulation_steps = 1: scoring-time statistics
+    "lora": {"learning_rate": 3e-2},
+}
+
+
+def digit_fraction_reward(completions, trainer_state=None, **kwargs):
+    """Fraction of digit characters: varies between completions of a random model, so most advantages are nonzero.
+
+    When STARVE_RANK/STARVE_STEP are set, every completion of that rank at that global step gets 0.5: all its groups
+    then have zero reward variance and zero advantage (TRL keeps each group of `num_generations` on one rank).
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    starve_rank, starve_step = os.environ.get("STARVE_RANK"), os.environ.get("STARVE_STEP")
+    if starve_rank is not None and rank == int(starve_rank) and trainer_state.global_step == int(starve_step):
+        return [0.5] * len(completions)
+    return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
+
+
+def full_parameters(model, zero3: bool) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter, gathered first under ZeRO-3 (a collective: every rank must call it)."""
+    params = list(model.named_parameters())
+    if zero3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
+    else:
+        ctx = nullcontext()
+    with torch.no_grad(), ctx:
+        return {name: p.detach().clone().cpu() for name, p in params}
+
+
+def count_causal_lms() -> int:
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on some lazy module objects warns
+        return sum(1 for obj in gc.get_objects() if isinstance(obj, LlamaForCausalLM))
+
+
+def run(name: str, cli, dataset, out: Path) -> None:
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    import dgpo_trl.trainer as dgpo_trainer
+    from dgpo_trl import DGPOConfig, DGPOTrainer
+    from dgpo_trl.trainer import _causal_lm
+
+    rank = int(os.environ["RANK"])
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    settings = dict(SETTINGS, **RUN_SETTINGS[name])
+    steps = cli.steps + (1 if name == "scoring" else 0)  # two generations at steps 0 and 2
+    args = DGPOConfig(
+        output_dir=str(out / f"ckpt_{name}"),
+        max_steps=steps,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        seed=0,
+        ddp_backend="gloo",
+        # A rank stuck in a collective (a deadlock) raises after this long instead of hanging the launch
+        ddp_timeout=cli.ddp_timeout,
+        # DDP on CPU needs use_cpu; DeepSpeed must not have it (accelerate would then drop DeepSpeed)
+        use_cpu=not use_deepspeed,
+        **settings,
+    )
+    peft_config = None
+    if name == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
+    if name in ("full", "lora") and cli.starve_step is not None:
+        os.environ["STARVE_RANK"], os.environ["STARVE_STEP"] = str(cli.starve_rank), str(cli.starve_step)
+    else:
+        os.environ.pop("STARVE_RANK", None)
+        os.environ.pop("STARVE_STEP", None)
+
+    models_before = count_causal_lms()
+    states: dict[int, dict[str, torch.Tensor]] = {}
+
+    class StateDump(TrainerCallback):
+        """Parameters at the start of every step: weights computed during step k use `states[k]`."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            states[state.global_step] = full_parameters(trainer._policy(), zero3)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            states[state.global_step] = full_parameters(trainer._policy(), zero3)
+
+    trainer = DGPOTrainer(
+        cli.model,
+        reward_funcs=digit_fraction_reward,
+        args=args,
+        train_dataset=dataset,
+        peft_config=peft_config,
+        callbacks=[StateDump()],
+    )
+    models_after = count_causal_lms()
+    accelerator = trainer.accelerator
+    plugin = accelerator.state.deepspeed_plugin
+    zero_stage = plugin.zero_stage if plugin is not None else None
+    zero3 = zero_stage == 3
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # A launcher that silently started independent single processes must fail here, not pass vacuously
+    assert world == 2 and accelerator.num_processes == 2, (world, accelerator.num_processes)
+    assert use_deepspeed == (accelerator.distributed_type.value == "DEEPSPEED"), accelerator.distributed_type
+
+    trainer.num_completions_to_show = 10**6  # keep every scored completion's weights in `last_token_weights`
+    records = []
+    original_apply = trainer._apply_token_weights
+
+    taus = []
+    original_tau_search = dgpo_trainer.tau_for_target_ess
+
+    def recording_tau_search(*a, **k):
+        taus.append(original_tau_search(*a, **k))
+        return taus[-1]
+
+    dgpo_trainer.tau_for_target_ess = recording_tau_search
+
+    def recording_apply(inputs, stats, rows):
+        advantages = inputs["advantages"].clone()
+        taus.clear()
+        original_apply(inputs, stats, rows)
+        shown = trainer.last_token_weights
+        rec = {
+            "step": trainer.state.global_step,
+            "tau": taus[0] if taus else trainer.dgpo.tau,  # the tau these weights were computed with
+            "path": "scoring" if "old_per_token_logps" in inputs else "loss",
+            "rows": rows.cpu(),
+            "advantages": advantages.cpu(),
+            "prompt_ids": inputs["prompt_ids"][rows].cpu(),
+            "prompt_mask": inputs["prompt_mask"][rows].cpu(),
+            "completion_ids": inputs["completion_ids"][rows].cpu(),
+            "completion_mask": inputs["completion_mask"][rows].cpu(),
+            "weights": shown["weights"].clone(),
+            "token_advantages": inputs["advantages"][rows].cpu(),
+        }
+        if "old_per_token_logps" in inputs:
+            rec["old_per_token_logps"] = inputs["old_per_token_logps"][rows].cpu()
+        records.append(rec)
+
+    trainer._apply_token_weights = recording_apply
+
+    # Collective work per step: reference-backbone forwards and divergence passes (LM-head gathers under ZeRO-3), and
+    # policy-backbone forwards outside generation (training forward, plus scoring-time joint passes)
+    ref_forwards, divergence_passes, policy_forwards = Counter(), Counter(), Counter()
+    generating = []
+    original_generate = trainer._generate
+
+    def flagged_generate(*a, **k):
+        generating.append(True)
+        try:
+            return original_generate(*a, **k)
+        finally:
+            generating.pop()
+
+    trainer._generate = flagged_generate
+
+    # With LoRA the reference pass runs the policy's own backbone with the adapter disabled: tell the two apart by
+    # PEFT's flag on an adapter layer at call time
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_layers = [m for m in trainer._policy().modules() if isinstance(m, BaseTunerLayer)]
+
+    def count_policy_backbone_forward(*a):
+        if adapter_layers and adapter_layers[0].disable_adapters:
+            ref_forwards.update([trainer.state.global_step])
+        elif not generating:
+            policy_forwards.update([trainer.state.global_step])
+
+    policy_backbone = _causal_lm(trainer._policy()).base_model
+    handles = [policy_backbone.register_forward_hook(count_policy_backbone_forward)]
+    if trainer.ref_model is not None:
+        ref_backbone = _causal_lm(trainer.accelerator.unwrap_model(trainer.ref_model)).base_model
+        handles.append(ref_backbone.register_forward_hook(lambda *a: ref_forwards.update([trainer.state.global_step])))
+    original_divergence = trainer._divergence_pass
+
+    def counting_divergence(*a, **k):
+        divergence_passes.update([trainer.state.global_step])
+        return original_divergence(*a, **k)
+
+    trainer._divergence_pass = counting_divergence
+
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    dgpo_trainer.tau_for_target_ess = original_tau_search
+
+    final = full_parameters(trainer._policy(), zero3)
+    result = {
+        "run": name,
+        "rank": rank,
+        "world_size": world,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+        "zero_stage": zero_stage,
+        "ref_model_is_none": trainer.ref_model is None,
+        "is_peft": name == "lora",
+        "causal_lms_before": models_before,
+        "causal_lms_after": models_after,
+        "records": records,
+        "ref_forwards": dict(ref_forwards),
+        "policy_forwards": dict(policy_forwards),
+        "divergence_passes": dict(divergence_passes),
+        "final_params": final,
+        "train_seconds": train_seconds,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "settings": dict(settings, steps_per_generation=args.steps_per_generation, max_steps=steps),
+    }
+    if rank == 0:
+        result["states"] = states
+        result["log_history"] = trainer.state.log_history
+    torch.save(result, out / f"{name}_rank{rank}.pt")
+    if rank == 0:
+        (out / f"{name}_log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+    # Free this run's engine before the next one (the model count of a later run must not see it)
+    trainer.accelerator.free_memory()
+    del trainer, states, records, final
+    gc.collect()
+    dist.barrier()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a saved tiny model (dgpo_trl.tiny.build_tiny_model)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default="full", help="comma-separated: full, scoring, lora")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--starve-rank", type=int, default=1)
+    parser.add_argument("--starve-step", type=int, default=None)
+    parser.add_argument("--ddp-timeout", type=int, default=180, help="seconds a collective may wait")
+    cli = parser.parse_args()
+    out = Path(cli.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from dgpo_trl.tiny import reversal_dataset
+
+    dataset = reversal_dataset(256, seed=0)
+    for name in cli.runs.split(","):
+        run(name, cli, dataset, out)
+    (out / f"done_rank{os.environ['RANK']}").write_text("ok")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""Multi-process DGPO on CPU: DDP, DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks (and the accelerate configs).
+
+Each backend is launched once per module with `accelerate launch` on `tests/distributed/dgpo_worker.py`, which runs a
+few short DGPO trainings in the same pair of processes and dumps what they did (see its docstring): DDP and ZeRO-3 run
+LoRA, a full model with loss-time statistics, and a full model with scoring-time statistics; ZeRO-2 the full model.
+The tests check the dumps from this single process:
+
+- the launch really had 2 ranks on the intended backend;
+- after training the parameters are identical on both ranks and differ from the initial model;
+- DGPO's metrics are in the log history;
+- every token weight a rank used equals the weight recomputed here from scratch: a plain Hugging Face forward of
+  pi_theta (the policy's parameters at that step, gathered by the worker) and of pi_ref (the initial model, loaded
+  from disk), full-vocabulary float64 softmax, then `dgpo_trl.functional.token_weights`; at scoring time TRL's old
+  log-probs too;
+- a rank whose completions all have zero advantage at one step (nothing to score) neither deadlocks nor desynchronises
+  the collectives (ZeRO-3: the same reference forwards and LM-head gathers per step on both ranks);
+- adaptive tau (`dgpo_target_ess`) is the same on both ranks and reaches the target over both ranks' completions;
+- the scoring-time path runs one policy and one reference forward per row chunk;
+- LoRA: no reference model is loaded; the reference is the adapter-disabled base;
+- DDP, ZeRO-2 and ZeRO-3 compute the same weights and the same training updates from the same seeds.
+
+Cost: one launch per backend (~15-50 s each on 2 shared cores), plus DeepSpeed's one-time JIT compile of
+`deepspeed_shm_comm` (~90-120 s cold), cached in $TORCH_EXTENSIONS_DIR (`make test` sets it to
+.cache/torch_extensions; the launches here default to the same place), so a test run pays it at most once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed" / "dgpo_worker.py"
+CONFIGS = ROOT / "accelerate_configs"
+sys.path.insert(0, str(WORKER.parent))
+from dgpo_worker import LORA, RUN_SETTINGS, SETTINGS  # noqa: E402
+
+
+slow = pytest.mark.slow  # every test that launches ranks
+
+STEPS = 3
+STARVE_RANK, STARVE_STEP = 1, 1
+# Launch budget: a ZeRO launch pays DeepSpeed's JIT compile (~90 s) when the cache is cold. A deadlock hangs until this
+# limit, then the test fails; nothing normal comes close to it.
+LAUNCH_TIMEOUT = 480
+# float32 (trainer, tiled online log-sum-exp, batch-dependent matmuls) against float64 (here); amplified by 1/tau
+WEIGHT_ATOL = 1e-3
+LOGP_ATOL = 1e-4
+
+LAUNCHES = {
+    "ddp": ("cpu_ddp.yaml", "lora,full,scoring", {"ACCELERATE_USE_CPU": "true"}),
+    "zero2": ("cpu_zero2.yaml", "full", {}),
+    "zero3": ("cpu_zero3.yaml", "lora,full,scoring", {}),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from dgpo_trl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("dist") / "tiny", hidden_size=64, num_layers=2, num_heads=4)
+
+
+def _launch(name: str, model: str, out: Path) -> dict:
+    config, runs, extra_env = LAUNCHES[name]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **extra_env)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CONFIGS / config),
+        "--main_process_port", str(_free_port()),
+        str(WORKER), "--model", model, "--out", str(out), "--runs", runs,
+        "--steps", str(STEPS), "--starve-rank", str(STARVE_RANK), "--starve-step", str(STARVE_STEP),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    # Own process group, so a hung launch (deadlocked ranks) is killed as a whole at the timeout
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{name}: launch did not finish in {LAUNCH_TIMEOUT} s (deadlock?)\n{log[-6000:]}")
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, f"{name}: launch failed with {proc.returncode}\n{log[-8000:]}"
+    results = {
+        run: [torch.load(out / f"{run}_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+        for run in runs.split(",")
+    }
+    summary = {
+        "launch": name,
+        "wall_seconds": round(wall, 1),
+        "max_rss_mb_per_rank": [round(max(r[rank]["max_rss_mb"] for r in results.values())) for rank in (0, 1)],
+        "train_seconds": {run: round(r[0]["train_seconds"], 2) for run, r in results.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary))
+    print(f"\n[distributed] {json.dumps(summary)}")
+    return results
+
+
+_launched: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_model, tmp_path_factory):
+    """`launched(backend)` -> {run: [rank0 result, rank1 result]}; each backend launched at most once per module."""
+
+    def get(name: str) -> dict:
+        if name not in _launched:
+            try:
+                _launched[name] = _launch(name, tiny_model, tmp_path_factory.mktemp(name))
+            except BaseException as error:  # a failed launch fails every test that needs it, without relaunching
+                _launched[name] = error
+                raise
+        if isinstance(_launched[name], BaseException):
+            pytest.fail(f"the {name} launch failed (see the first test that used it): {_launched[name]}"[:2000])
+        return _launched[name]
+
+    yield get
+    _launched.clear()
+
+
+RUNS = [(backend, run) for backend, (_, runs, _) in LAUNCHES.items() for run in runs.split(",")]
+RUN_IDS = [f"{backend}-{run}" for backend, run in RUNS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-process recomputation
+
+
+def _policy_at(model_dir: str, state: dict[str, torch.Tensor], peft: bool):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    names = {name for name, _ in model.named_parameters()}
+    assert names == set(state), sorted(names ^ set(state))[:10]
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def _naive_statistics(policy, reference, record, temperature):
+    """Full-vocabulary float64 statistics of the recorded completions: squared Hellinger, entropy, label log-probs."""
+    ids = torch.cat([record["prompt_ids"], record["completion_ids"]], dim=1)
+    attention = torch.cat([record["prompt_mask"], record["completion_mask"]], dim=1)
+    width = record["completion_ids"].size(1)
+
+    def log_probs(model):
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1 : -1]
+        return torch.log_softmax(logits.double() / temperature, dim=-1)
+
+    log_p, log_q = log_probs(policy), log_probs(reference)
+    hellinger = 1.0 - torch.exp(0.5 * (log_p + log_q)).sum(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    label_logps = log_p.gather(-1, record["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    return hellinger, entropy, label_logps
+
+
+def _check_weights(model_dir, result_pair, peft):
+    """Recomputes every recorded weight (both ranks) and returns (#tokens compared, their weights' std)."""
+    from transformers import AutoModelForCausalLM
+
+    from dgpo_trl.functional import token_weights
+
+    settings = result_pair[0]["settings"]
+    states = result_pair[0]["states"]
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = reference.config.vocab_size
+    policies = {}
+    compared, all_weights = 0, []
+    for result in result_pair:
+        for record in result["records"]:
+            if len(record["rows"]) == 0:
+                continue
+            step = record["step"]
+            if step not in policies:
+                policies[step] = _policy_at(model_dir, states[step], peft)
+            d, h, label_logps = _naive_statistics(policies[step], reference, record, settings["temperature"])
+            mask = record["completion_mask"].bool()
+            expected = token_weights(
+                d.float(), h.float(), mask, tau=record["tau"], kappa=settings["dgpo_kappa"], vocab_size=vocab
+            )
+            where = f"rank {result['rank']} step {step} ({record['path']})"
+            torch.testing.assert_close(
+                record["weights"], expected, atol=WEIGHT_ATOL, rtol=0, msg=lambda m: f"{where}: {m}"
+            )
+            # The advantages TRL's loss receives are A_i * w_t
+            token_advantages = record["advantages"][record["rows"]].unsqueeze(1) * expected
+            torch.testing.assert_close(record["token_advantages"], token_advantages, atol=5 * WEIGHT_ATOL, rtol=0)
+            if "old_per_token_logps" in record:
+                # Scoring time: TRL's old log-probs came out of the joint pass that also gave the statistics
+                torch.testing.assert_close(
+                    record["old_per_token_logps"][mask], label_logps[mask].float(), atol=LOGP_ATOL, rtol=0,
+                    msg=lambda m: f"{where} old log-probs: {m}",
+                )  # fmt: skip
+            compared += int(mask.sum())
+            all_weights.append(record["weights"][mask])
+    return compared, torch.cat(all_weights).std().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tests
+
+
+@slow
+@pytest.mark.parametrize("backend", list(LAUNCHES))
+def test_two_ranks_on_the_intended_backend(launched, backend):
+    expected = {"ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}[backend]
+    for run, pair in launched(backend).items():
+        assert [r["rank"] for r in pair] == [0, 1]
+        for r in pair:
+            assert r["world_size"] == 2 and r["num_processes"] == 2, (run, r["rank"])
+            assert (r["distributed_type"], r["zero_stage"]) == expected, (run, r["distributed_type"], r["zero_stage"])
+
+
+@slow
+@pytest.mark.parametrize(("backend", "run"), RUNS, ids=RUN_IDS)
+def test_parameters_equal_across_ranks_and_trained(launched, tiny_model, backend, run):
+    from transformers import AutoModelForCausalLM
+
+    rank0, rank1 = launched(backend)[run]
+    assert rank0["final_params"].keys() == rank1["final_params"].keys()
+    for name, value in rank0["final_params"].items():
+        assert torch.equal(value, rank1["final_params"][name]), f"{name} differs between ranks"
+    initial = rank0["states"][0]
+    trainable = [n for n in initial if run != "lora" or "lora_" in n]
+    changed = [n for n in trainable if not torch.equal(initial[n], rank0["final_params"][n])]
+    assert len(changed) == len(trainable), f"unchanged after training: {sorted(set(trainable) - set(changed))[:5]}"
+    if run == "lora":  # the frozen base did not move
+        assert all(torch.equal(initial[n], rank0["final_params"][n]) for n in initial if "lora_" not in n)
+    else:  # the initial state the worker gathered is the checkpoint on disk (ZeRO-3: a correct gather)
+        disk = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+        for name, value in initial.items():
+            assert torch.equal(value, disk[name]), name
+
+
+@slow
+@pytest.mark.parametrize(("backend", "run"), RUNS, ids=RUN_IDS)
+def test_dgpo_metrics_logged(launched, backend, run):
+    history = [h for h in launched(backend)[run][0]["log_history"] if "loss" in h]
+    max_steps = launched(backend)[run][0]["settings"]["max_steps"]
+    assert len(history) == max_steps
+    scored = [h for h in history if "dgpo/divergence/mean" in h]  # logged at every generation
+    generations = max_steps // launched(backend)[run][0]["settings"]["steps_per_generation"]
+    assert len(scored) == generations
+    for h in scored:
+        for key in ("dgpo/entropy_normalized/mean", "dgpo/weight/max", "dgpo/weight/std", "dgpo/ess", "dgpo/tau"):
+            assert key in h, key
+        assert 0.0 <= h["dgpo/divergence/mean"] <= 1.0 and h["dgpo/nonfinite_sequences"] == 0
+    # At the first step pi_theta == pi_ref (LoRA: B = 0), so d = 0 and w = 1; later the policy has moved
+    assert scored[0]["dgpo/divergence/mean"] == 0.0 and scored[0]["dgpo/weight/max"] == 1.0
+    assert scored[-1]["dgpo/divergence/mean"] > 0.0 and scored[-1]["dgpo/weight/std"] > 0.0
+
+
+@slow
+@pytest.mark.parametrize(("backend", "run"), RUNS, ids=RUN_IDS)
+def test_weights_match_single_process_recomputation(launched, tiny_model, backend, run):
+    pair = launched(backend)[run]
+    for result in pair:  # every rank scored something at a step where the weights are not trivially 1
+        assert any(len(r["rows"]) and r["step"] > 0 for r in result["records"]), result["rank"]
+    compared, spread = _check_weights(tiny_model, pair, peft=run == "lora")
+    assert compared > 100
+    # The comparison only means something if the weights are far from uniform (a wrong reference, stale parameters or
+    # misaligned rows then move them by much more than the tolerance)
+    assert spread > 0.02, spread
+
+
+@slow
+@pytest.mark.parametrize("backend", list(LAUNCHES))
+def test_adaptive_tau_is_global(launched, backend):
+    """dgpo_target_ess (the "full" runs): each step's tau is bisected on the mean ESS over both ranks' completions, so
+    both ranks use the same tau and the weights of all ranks together reach the target (the starved rank too, with
+    no completion of its own: its reduces still match the other rank's, or the run would hang)."""
+    from dgpo_trl.functional import effective_sample_size
+
+    rank0, rank1 = launched(backend)["full"]
+    target, fallback = RUN_SETTINGS["full"]["dgpo_target_ess"], SETTINGS["dgpo_tau"]
+    for step in range(STEPS):
+        records = [next(r for r in result["records"] if r["step"] == step) for result in (rank0, rank1)]
+        assert records[0]["tau"] == records[1]["tau"], step
+        ess = torch.cat(
+            [effective_sample_size(r["weights"], r["completion_mask"])[r["completion_mask"].any(-1)] for r in records]
+        )
+        if step == 0:  # pi_theta == pi_ref: w = 1, ESS = 1 whatever tau; no tau reaches the target
+            assert records[0]["tau"] == fallback and torch.allclose(ess, torch.ones_like(ess))
+        else:
+            assert records[0]["tau"] != fallback
+            assert abs(ess.mean().item() - target) < 2e-3, (step, ess.mean().item())
+
+
+LOSS_TIME_RUNS = [(backend, run) for backend, run in RUNS if run in ("full", "lora")]
+
+
+@slow
+@pytest.mark.parametrize(("backend", "run"), LOSS_TIME_RUNS, ids=[f"{b}-{r}" for b, r in LOSS_TIME_RUNS])
+def test_rank_with_nothing_to_score_does_not_deadlock(launched, backend, run):
+    """At step STARVE_STEP every completion on rank STARVE_RANK has a zero advantage, so that rank scores no row."""
+    rank0, rank1 = launched(backend)[run]  # the launch finished (gloo timeout 180 s, launch timeout): no deadlock
+    starved = [r for r in rank1["records"] if r["step"] == STARVE_STEP]
+    assert len(starved) == 1 and len(starved[0]["rows"]) == 0
+    assert not starved[0]["advantages"].any()
+    other = [r for r in rank0["records"] if r["step"] == STARVE_STEP]
+    assert len(other) == 1 and len(other[0]["rows"]) > 0  # the other rank had work at the same step
+    # Loss-time scoring: only completions with A_i != 0 are scored
+    for result in (rank0, rank1):
+        for record in result["records"]:
+            assert record["path"] == "loss"
+            assert torch.equal(record["rows"], record["advantages"].nonzero().squeeze(-1))
+    history = rank0["log_history"]
+    assert sum("loss" in h for h in history) == STEPS
+    starved_log = [h for h in history if h.get("step") == STARVE_STEP + 1 and "dgpo/scored_fraction" in h]
+    assert starved_log and starved_log[0]["dgpo/scored_fraction"] <= 0.5
+    steps = range(STEPS)
+    sharded = backend == "zero3"
+    # Reference forwards and divergence passes (LM-head gathers under ZeRO-3) per step. Sharded forwards are
+    # collectives: there the starved rank still runs one forward (on a dummy row) and one gather, like the other rank.
+    # Without sharding it skips them.
+    expected = {0: [1] * STEPS, 1: [0 if s == STARVE_STEP and not sharded else 1 for s in steps]}
+    for rank, result in enumerate((rank0, rank1)):
+        for counter in ("ref_forwards", "divergence_passes"):
+            assert [result[counter].get(s, 0) for s in steps] == expected[rank], (rank, counter)
+        # pi_theta's hidden states come from TRL's training forward: no policy forward of DGPO's own (with LoRA the
+        # adapter-disabled reference pass through the same backbone is counted as a reference forward)
+        assert [result["policy_forwards"].get(s, 0) for s in steps] == [1] * STEPS, rank
+
+
+@slow
+def test_zero3_scoring_time_path(launched):
+    """steps_per_generation=2 > gradient_accumulation_steps=1: DGPO's joint pass replaces TRL's old-log-prob pass."""
+    rank0, rank1 = launched("zero3")["scoring"]
+    chunks = RUN_SETTINGS["scoring"]["steps_per_generation"]  # TRL scores per_device_train_batch_size rows per chunk
+    rows = SETTINGS["per_device_train_batch_size"] * chunks
+    for result in (rank0, rank1):
+        records = result["records"]
+        assert [(r["step"], r["path"]) for r in records] == [(0, "scoring"), (2, "scoring")]
+        for record in records:  # every completion of the generation batch is scored (advantages are not known yet)
+            assert torch.equal(record["rows"], torch.arange(rows))
+        # Per generation step: one policy and one reference forward per chunk, plus the training forward; no second
+        # policy pass by TRL and no reference pass by TRL. Steps in between: the training forward only.
+        assert result["policy_forwards"] == {0: chunks + 1, 1: 1, 2: chunks + 1, 3: 1}
+        assert result["ref_forwards"] == {0: chunks, 2: chunks}
+        assert result["divergence_passes"] == {0: chunks, 2: chunks}
+    # Weights and old log-probs: test_weights_match_single_process_recomputation[zero3-scoring]
+
+
+@slow
+@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+def test_lora_reference_is_the_adapter_disabled_policy(launched, backend):
+    for result in launched(backend)["lora"]:
+        assert result["ref_model_is_none"]
+        # The launch's first run: no causal LM existed before the trainer, exactly one (the policy) after it
+        assert (result["causal_lms_before"], result["causal_lms_after"]) == (0, 1)
+        # Its forward counts: test_rank_with_nothing_to_score_does_not_deadlock[<backend>-lora]
+    for result in launched(backend)["full"]:
+        # A full model gets a frozen reference: the trainer adds two causal LMs (a finished ZeRO-3 run's engine can
+        # keep the earlier LoRA model alive in this process, so count the difference)
+        assert not result["ref_model_is_none"]
+        assert result["causal_lms_after"] - result["causal_lms_before"] == 2
+    # That the reference really is the adapter-disabled base (the checkpoint on disk):
+    # test_weights_match_single_process_recomputation[<backend>-lora]
+
+
+CROSS_BACKEND = {"full": ("ddp", "zero2", "zero3"), "lora": ("ddp", "zero3"), "scoring": ("ddp", "zero3")}
+
+
+@slow
+@pytest.mark.parametrize("run", list(CROSS_BACKEND))
+def test_weights_identical_whichever_backend(launched, run):
+    """DDP, ZeRO-2 and ZeRO-3 run the same seeds on the same data. Where a rank drew the same completions at a step
+    (all of them here: sampling is seeded per rank, and the parameters agree to float precision), it must have
+    computed the same token weights; with the same completions throughout, training ends at the same parameters
+    (ZeRO-3 and LoRA included: DGPO's extra forwards and LM-head gathers between the training forward and backward do
+    not disturb the gradients)."""
+    backends = CROSS_BACKEND[run]
+    results = {backend: launched(backend)[run] for backend in backends}
+    compared = identical = 0
+    for rank in (0, 1):
+        base = results["ddp"][rank]["records"]
+        for backend in backends[1:]:
+            other = results[backend][rank]["records"]
+            assert [r["step"] for r in other] == [r["step"] for r in base]
+            for a, b in zip(base, other):
+                identical += 1
+                if not torch.equal(a["completion_ids"], b["completion_ids"]):
+                    identical -= 1
+                    continue  # a sampling flip after a float-level parameter difference: nothing to compare
+                assert torch.equal(a["rows"], b["rows"])
+                torch.testing.assert_close(b["weights"], a["weights"], atol=WEIGHT_ATOL, rtol=0)
+                compared += int(a["step"] > 0 and len(a["rows"]) > 0)
+    assert compared >= 2 * (len(backends) - 1), compared
+    if identical == sum(len(results["ddp"][rank]["records"]) for rank in (0, 1)) * (len(backends) - 1):
+        # Compare each tensor's training update (final - initial) in norm: Adam turns float-level gradient noise on
+        # near-zero gradients into visible elementwise differences, a corrupted gradient changes the update itself
+        initial = results["ddp"][0]["states"][0]
+        for backend in backends[1:]:
+            for name, start in initial.items():
+                reference_update = results["ddp"][0]["final_params"][name] - start
+                update = results[backend][0]["final_params"][name] - start
+                if not reference_update.any():  # frozen (LoRA base)
+                    assert not update.any(), (backend, name)
+                    continue
+                relative = ((update - reference_update).norm() / reference_update.norm()).item()
+                assert relative < 1e-2, (backend, name, relative)
+
+
+EXPECTED_CONFIGS = {
+    # file: (distributed type, processes, machines, mixed precision, ZeRO stage)
+    "zero3.yaml": ("DEEPSPEED", 8, 1, "bf16", 3),
+    "zero3_2nodes.yaml": ("DEEPSPEED", 16, 2, "bf16", 3),
+    "zero2.yaml": ("DEEPSPEED", 8, 1, "bf16", 2),
+    "multi_gpu.yaml": ("MULTI_GPU", 8, 1, "bf16", None),
+    "single_gpu.yaml": ("NO", 1, 1, "bf16", None),
+    "fsdp2.yaml": ("FSDP", 8, 1, "bf16", None),
+    "cpu_ddp.yaml": ("MULTI_GPU", 2, 1, "no", None),
+    "cpu_zero2.yaml": ("DEEPSPEED", 2, 1, "no", 2),
+    "cpu_zero3.yaml": ("DEEPSPEED", 2, 1, "no", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_CONFIGS))
+def test_accelerate_config(name):
+    """Each config parses with accelerate's own loader, is what its name says, and documents its launch command."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = CONFIGS / name
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    header = "\n".join(header)
+    assert header, f"{name} must start with a comment saying what it is for"
+    assert "accelerate launch" in header and f"--config_file accelerate_configs/{name}" in header, name
+    config = load_config_from_file(str(path))
+    kind, processes, machines, precision, stage = EXPECTED_CONFIGS[name]
+    assert config.distributed_type.value == kind
+    assert (config.num_processes, config.num_machines, str(config.mixed_precision)) == (processes, machines, precision)
+    assert (config.deepspeed_config or {}).get("zero_stage") == stage
+    if name == "fsdp2.yaml":
+        assert config.fsdp_config["fsdp_version"] == 2
+    if machines > 1:
+        assert "--machine_rank" in header and "--main_process_ip" in header
+
+
+def test_every_config_is_checked():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED_CONFIGS)
