@@ -134,8 +134,8 @@ class _TileFold:
 
 def _use_fused_kernel(policy_hidden: torch.Tensor, use_triton: bool | None) -> bool:
     """Whether `token_statistics` dispatches to the fused Triton kernel (see its `use_triton` argument)."""
-    if use_triton is False:
-        return False
+    if use_triton is False or (use_triton is None and not policy_hidden.is_cuda):
+        return False  # without importing Triton (~85 MB) where it cannot run by default
     from .kernels import divergence
 
     runnable = divergence.triton_available() and (policy_hidden.is_cuda or divergence.INTERPRETER)
