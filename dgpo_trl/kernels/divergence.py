@@ -20,9 +20,11 @@ Per row, over the vocabulary (z_p, z_q: transformed policy/reference logits; z_m
     e_p      = sum exp(z_p - m_p) * (z_p - m_p)                   entropy, kept shifted (no cancellation)
     g_p      = sum exp(z_p - m_p) * (z_p - z_q)                   E_p[z_p - z_q], the reverse KL
     l_p, l_q = the label's logits
-from which, exactly as in the torch path:
+from which:
     hellinger = -expm1(LSE_m - (LSE_p + LSE_q) / 2),  reverse_kl = g_p / s_p - LSE_p + LSE_q,
     entropy = log s_p - e_p / s_p,  logps = l - LSE.
+(The torch path computes the same quantities but shifts the geometric mean by (m_p + m_q) / 2, reusing the two
+exponentials, because on CPU each elementwise pass over a tile costs; here the exponentials are register work.)
 
 On CPU tensors the same kernel runs under Triton's interpreter (slow; for tests only).
 """
