@@ -121,19 +121,24 @@ def supervised_warmup(
     rng = random.Random(seed)
     for _ in range(steps):
         batch = [rows[rng.randrange(len(rows))] for _ in range(batch_size)]
-        ids, labels = [], []
-        for row in batch:
-            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-            answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids.append(prompt + answer)
-            labels.append([-100] * len(prompt) + answer)
-        width = max(map(len, ids))
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
-        label_ids = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
-        attention_mask = (torch.arange(width) >= torch.tensor([[width - len(x)] for x in ids])).long()
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids).loss
-        loss.backward()
+        model(**sft_batch(tokenizer, batch)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(path)
     return str(path)
+
+
+def sft_batch(tokenizer, rows) -> dict[str, torch.Tensor]:
+    """Model inputs for `prompt + answer + <eos>` rows with the loss on the answer, left-padded as GRPO pads prompts."""
+    ids, labels = [], []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, ids))
+    return {
+        "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids]),
+        "attention_mask": (torch.arange(width) >= torch.tensor([[width - len(x)] for x in ids])).long(),
+        "labels": torch.tensor([[-100] * (width - len(x)) + x for x in labels]),
+    }

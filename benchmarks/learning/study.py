@@ -192,6 +192,8 @@ def supervised_warmup(task: Task, path: Path, splits: dict, settings: TaskSettin
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    from dgpo_trl.tiny import sft_batch
+
     torch.manual_seed(seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -203,17 +205,7 @@ def supervised_warmup(task: Task, path: Path, splits: dict, settings: TaskSettin
         model.train()
         for _ in range(settings.warmup_check):
             batch = [rows[rng.randrange(len(rows))] for _ in range(settings.warmup_batch)]
-            ids, labels = [], []
-            for row in batch:
-                prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-                answer = tokenizer(row["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                ids.append(prompt + answer)
-                labels.append([-100] * len(prompt) + answer)
-            width = max(map(len, ids))
-            input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids])
-            label_ids = torch.tensor([[-100] * (width - len(x)) + x for x in labels])
-            attention_mask = (torch.arange(width) >= torch.tensor([[width - len(x)] for x in ids])).long()
-            model(input_ids=input_ids, attention_mask=attention_mask, labels=label_ids).loss.backward()
+            model(**sft_batch(tokenizer, batch)).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
         step += settings.warmup_check
