@@ -185,6 +185,14 @@ def token_statistics(
         [`TokenStatistics`], each field (N,) float32. Memory beyond the outputs is O(token_chunk_size * chunk_size),
         independent of N.
     """
+    if policy_hidden.shape[0] != ref_hidden.shape[0]:
+        raise ValueError(f"policy_hidden has {policy_hidden.shape[0]} rows but ref_hidden has {ref_hidden.shape[0]}.")
+    if policy_weight.shape[0] != ref_weight.shape[0]:
+        raise ValueError(
+            f"policy_weight has {policy_weight.shape[0]} vocabulary rows but ref_weight has {ref_weight.shape[0]}."
+        )
+    if chunk_size < 1 or token_chunk_size < 1:
+        raise ValueError(f"chunk_size and token_chunk_size must be >= 1, got {chunk_size} and {token_chunk_size}.")
     if _use_fused_kernel(policy_hidden, use_triton):
         from .kernels import fused_token_statistics
 
@@ -200,14 +208,6 @@ def token_statistics(
             logit_scale=logit_scale,
             final_logit_softcapping=final_logit_softcapping,
         )
-    if policy_hidden.shape[0] != ref_hidden.shape[0]:
-        raise ValueError(f"policy_hidden has {policy_hidden.shape[0]} rows but ref_hidden has {ref_hidden.shape[0]}.")
-    if policy_weight.shape[0] != ref_weight.shape[0]:
-        raise ValueError(
-            f"policy_weight has {policy_weight.shape[0]} vocabulary rows but ref_weight has {ref_weight.shape[0]}."
-        )
-    if chunk_size < 1 or token_chunk_size < 1:
-        raise ValueError(f"chunk_size and token_chunk_size must be >= 1, got {chunk_size} and {token_chunk_size}.")
     n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
     device = policy_hidden.device
     out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
@@ -340,17 +340,14 @@ def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (~torch.isfinite(scores) & mask.bool()).any(dim=-1)
 
 
-def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     """w = T_i * softmax over sequence i's valid tokens of s / tau; 0 on invalid tokens and on empty sequences.
 
-    `tau` is a float or a (B,) / (B, 1) tensor (one temperature per sequence). A sequence holding a non-finite score
-    falls back to uniform weights (w = 1 on its valid tokens), so NaN never reaches the loss.
+    A sequence holding a non-finite score falls back to uniform weights (w = 1 on its valid tokens), so NaN never
+    reaches the loss.
     """
     mask = mask.bool()
     scores = scores.float()
-    tau = torch.as_tensor(tau, dtype=torch.float32, device=scores.device)
-    if tau.dim() == 1:
-        tau = tau.unsqueeze(-1)
     fallback = nonfinite_sequences(scores, mask).unsqueeze(-1)
     logits = torch.where(mask & ~fallback, scores / tau, 0.0)
     logits = logits.masked_fill(~mask, -math.inf)

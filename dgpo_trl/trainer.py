@@ -11,7 +11,6 @@ import torch
 from accelerate.utils import is_peft_model
 from peft import PeftModel
 from torch.distributed.tensor import DTensor
-from transformers.utils import logging
 
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
@@ -35,8 +34,6 @@ from .functional import (
     weights_from_scores,
 )
 
-
-logger = logging.get_logger(__name__)
 
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")

@@ -191,14 +191,6 @@ def test_nonfinite_scores_fall_back_to_uniform_weights():
     assert w[0].std() > 0 and w[2, 4] == 0
 
 
-def test_per_sequence_tau_tensor():
-    scores = torch.rand(2, 6)
-    mask = torch.ones(2, 6, dtype=torch.bool)
-    both = weights_from_scores(scores, mask, torch.tensor([0.1, 10.0]))
-    torch.testing.assert_close(both[0], weights_from_scores(scores[:1], mask[:1], 0.1)[0])
-    torch.testing.assert_close(both[1], weights_from_scores(scores[1:], mask[1:], 10.0)[0])
-
-
 @pytest.mark.parametrize("target", [0.3, 0.8, 0.95])
 def test_tau_for_target_ess_meets_the_target(target):
     g = torch.Generator().manual_seed(3)
