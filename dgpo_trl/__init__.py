@@ -4,7 +4,33 @@
 `dgpo_trl.functional` and works on plain tensors; importing it (or this package) does not import TRL.
 """
 
-from .functional import (
+import re
+from importlib.metadata import PackageNotFoundError, version
+
+
+SUPPORTED_TRL = "1.16"
+"""The TRL release (major.minor) whose private `GRPOTrainer` methods `DGPOTrainer` overrides; as in pyproject.toml."""
+TRL_REQUIREMENT = "trl>=1.16.0,<1.17"
+
+
+def _check_trl_version() -> None:
+    # DGPOTrainer overrides GRPOTrainer internals that change between TRL releases: another release would fail deep
+    # inside training, or silently compute something else. Read from the package metadata: TRL is not imported.
+    try:
+        installed = version("trl")
+    except PackageNotFoundError:
+        return  # the math needs no TRL; importing DGPOTrainer then says what is missing
+    release = re.match(r"(\d+)\.(\d+)", installed)
+    if release is None or f"{release[1]}.{release[2]}" != SUPPORTED_TRL:
+        raise ImportError(
+            f"dgpo-trl supports trl {SUPPORTED_TRL}.x (DGPOTrainer overrides private methods of that release's "
+            f'GRPOTrainer), but trl {installed} is installed. Install a supported release: pip install "{TRL_REQUIREMENT}".'
+        )
+
+
+_check_trl_version()
+
+from .functional import (  # noqa: E402
     SCORES,
     TokenStatistics,
     effective_sample_size,

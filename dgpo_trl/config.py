@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import transformers
 from trl import GRPOConfig
 
-from .functional import DEFAULT_CHUNK_SIZE, SCORES
+from .functional import DEFAULT_CHUNK_SIZE, ENTROPY_GATES, SCORES
 
 
 # TRL 1.16's GRPO loss types; each multiplies per-token advantages into a per-token loss.
@@ -26,8 +29,8 @@ class DGPOConfig(GRPOConfig):
     Inherits every parameter of TRL's [`~trl.GRPOConfig`]. DGPO ([arXiv 2605.03327](https://arxiv.org/abs/2605.03327))
     replaces GRPO's uniform per-token advantage with A_i * w_t, where w_t = T_i * softmax_t(s_t / tau) and
     s_t = d_t * (H_t / log|V|) ** kappa scores each token by its divergence d_t from the reference model, gated by the
-    policy's normalised entropy. It drops the KL penalty, so `beta` keeps TRL's default of `0.0`; a positive `beta`
-    adds TRL's KL term on top of the reallocation (with a warning).
+    policy's normalised entropy (or by its entropy in nats, `dgpo_entropy="nats"`). It drops the KL penalty, so `beta`
+    keeps TRL's default of `0.0`; a positive `beta` adds TRL's KL term on top of the reallocation (with a warning).
 
     Parameters:
         dgpo_tau (`float`, *optional*, defaults to `0.5`):
@@ -37,7 +40,15 @@ class DGPOConfig(GRPOConfig):
         dgpo_kappa (`float`, *optional*, defaults to `1.0`):
             Entropy-gate exponent kappa. `0` removes the gate (the paper's "no entropy gate" ablation); large values
             suppress every token that is not near maximum entropy. The paper finds a moderate value best (Section 4.4,
-            Table 5); 1.0 is the plain product d_t * H~_t of its Eq. 3. Must be finite and >= 0.
+            Table 5); 1.0 is the plain product of divergence and entropy of its Eq. 3. Must be finite and >= 0.
+        dgpo_entropy (`str`, *optional*, defaults to `"normalized"`):
+            Units of the entropy in the gate. The paper writes the gate two ways. `"normalized"`: Eq. 12 (and Sections
+            3.3, 4.4, Appendix A), s_t = d_t * (H_t / log|V|) ** kappa with the normalised entropy in [0, 1], so
+            s_t is in [0, 1]. `"nats"`: Eq. 3, s_t = d_t * H_t ** kappa with H_t the Shannon entropy in nats (Eq. 3 is
+            kappa = 1), so s_t is in [0, log|V|]. The two differ by the factor (log|V|) ** kappa (11.9 for Qwen2.5's
+            151,936 tokens): at the same tau the nats gate spreads the weights like the normalized gate at
+            tau / (log|V|) ** kappa. Which one the paper's tau range (0.5-1) was tuned with is not stated; see
+            `docs/results.md` for what each does at LLM vocabulary sizes.
         dgpo_score (`str`, *optional*, defaults to `"hellinger"`):
             Token divergence d_t. `"hellinger"`: squared Hellinger distance to the reference, bounded in [0, 1] (the
             paper's method). `"reverse_kl"`: KL(pi_theta || pi_ref), unbounded (the paper's ablation). `"uniform"`:
@@ -83,6 +94,14 @@ class DGPOConfig(GRPOConfig):
             "choices": list(SCORES),
         },
     )
+    dgpo_entropy: str = field(
+        default="normalized",
+        metadata={
+            "help": "Entropy units in the gate: 'normalized' (Eq. 12: s = d * (H / log V) ** kappa, in [0, 1]) or "
+            "'nats' (Eq. 3: s = d * H ** kappa, H in nats; at the same tau, (log V) ** kappa times sharper).",
+            "choices": list(ENTROPY_GATES),
+        },
+    )
     dgpo_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE,
         metadata={
@@ -118,6 +137,7 @@ class DGPOArguments(NamedTuple):
     tau: float
     kappa: float
     score: str
+    entropy_gate: str
     chunk_size: int
     target_ess: float | None
     skip_zero_advantage: bool
@@ -132,6 +152,7 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
     tau = getattr(args, "dgpo_tau", DGPOConfig.dgpo_tau)
     kappa = getattr(args, "dgpo_kappa", DGPOConfig.dgpo_kappa)
     score = getattr(args, "dgpo_score", DGPOConfig.dgpo_score)
+    entropy_gate = getattr(args, "dgpo_entropy", DGPOConfig.dgpo_entropy)
     chunk_size = getattr(args, "dgpo_chunk_size", DGPOConfig.dgpo_chunk_size)
     target_ess = getattr(args, "dgpo_target_ess", DGPOConfig.dgpo_target_ess)
     skip_zero_advantage = getattr(args, "dgpo_skip_zero_advantage", DGPOConfig.dgpo_skip_zero_advantage)
@@ -141,6 +162,8 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         raise ValueError(f"dgpo_kappa must be a finite number >= 0, got {kappa!r}.")
     if score not in SCORES:
         raise ValueError(f"dgpo_score must be one of {list(SCORES)}, got {score!r}.")
+    if entropy_gate not in ENTROPY_GATES:
+        raise ValueError(f"dgpo_entropy must be one of {list(ENTROPY_GATES)}, got {entropy_gate!r}.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"dgpo_chunk_size must be an integer >= 1, got {chunk_size!r}.")
     if target_ess is not None and not (_is_number(target_ess) and 0.0 < target_ess < 1.0):
@@ -162,11 +185,34 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
             f"beta={args.beta} adds TRL's KL penalty on top of DGPO's token reallocation. The DGPO paper drops the KL "
             "term (beta=0); keep beta > 0 only if you want both.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
     return DGPOArguments(
-        float(tau), float(kappa), score, chunk_size, None if target_ess is None else float(target_ess), skip_zero_advantage
+        float(tau),
+        float(kappa),
+        score,
+        entropy_gate,
+        chunk_size,
+        None if target_ess is None else float(target_ess),
+        skip_zero_advantage,
     )
+
+
+# Frames a warning passes through on its way from the user's line: this package, the dataclass-generated __init__
+# (file "<string>"), and the TRL/transformers layers a config or trainer is built through (HfArgumentParser, Trainer)
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (sys.modules[__package__], sys.modules["trl"], transformers)
+)
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` that makes a warning raised by this module's caller point at the user's own line: the first
+    frame outside dgpo_trl, TRL, transformers and generated dataclass code. Python 3.12's `skip_file_prefixes` does
+    this, but the package supports 3.10."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS) or frame.f_code.co_filename == "<string>"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_number(x) -> bool:

@@ -5,8 +5,9 @@ Nothing here imports TRL, so every function can be used (and tested) without a t
 Notation (paper, Sections 3.2-3.3): for a completion token at position t with context ctx_t,
 
     d_t  = 1 - sum_a sqrt(pi_theta(a|ctx_t) * pi_ref(a|ctx_t))      squared Hellinger, in [0, 1]
-    H~_t = entropy(pi_theta(.|ctx_t)) / log|V|                        normalised entropy, in [0, 1]
-    s_t  = d_t * H~_t ** kappa                                         entropy-gated score
+    H_t  = entropy(pi_theta(.|ctx_t))                                  Shannon entropy, nats
+    s_t  = d_t * (H_t / log|V|) ** kappa   ("normalized" gate, Eq. 12; H / log|V| in [0, 1])
+      or d_t * H_t ** kappa                ("nats" gate, Eq. 3 with kappa = 1)
     w_t  = T_i * softmax_t(s_t / tau)  over the completion's valid tokens (mean weight exactly 1)
 
 `token_statistics` computes every per-token quantity DGPO and TRL need in one pass over the vocabulary, in tiles of
@@ -31,6 +32,10 @@ import torch
 
 SCORES = ("hellinger", "reverse_kl", "uniform")
 """Token scores DGPO can redistribute the advantage with. `"uniform"` gives w = 1 (GRPO without KL)."""
+
+ENTROPY_GATES = ("normalized", "nats")
+"""Units of the entropy in the gate: `"normalized"` H / log|V| in [0, 1] (the paper's Eq. 12 and Sections 3.3, 4.4),
+`"nats"` the Shannon entropy H itself (the paper's Eq. 3)."""
 
 DEFAULT_CHUNK_SIZE = 8192
 """Vocabulary tile width of the divergence pass."""
@@ -196,7 +201,7 @@ def token_statistics(
     if _use_fused_kernel(policy_hidden, use_triton):
         from .kernels import fused_token_statistics
 
-        return fused_token_statistics(
+        fused = fused_token_statistics(
             policy_hidden,
             policy_weight,
             ref_hidden,
@@ -208,6 +213,7 @@ def token_statistics(
             logit_scale=logit_scale,
             final_logit_softcapping=final_logit_softcapping,
         )
+        return TokenStatistics(*fused)
     n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
     device = policy_hidden.device
     out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
@@ -326,13 +332,27 @@ def token_divergence_and_entropy(
 
 
 def token_scores(
-    divergence: torch.Tensor, entropy: torch.Tensor, *, kappa: float, vocab_size: int
+    divergence: torch.Tensor,
+    entropy: torch.Tensor,
+    *,
+    kappa: float,
+    vocab_size: int,
+    entropy_gate: str = "normalized",
 ) -> torch.Tensor:
-    """Entropy-gated scores s_t = d_t * (entropy_t / log V) ** kappa. `kappa=0` ignores the entropy."""
+    """Entropy-gated scores: s_t = d_t * (entropy_t / log V) ** kappa (`entropy_gate="normalized"`, in [0, 1] for the
+    Hellinger distance) or s_t = d_t * entropy_t ** kappa (`"nats"`, in [0, log V]). `kappa=0` ignores the entropy.
+
+    The two gates differ by the factor (log V) ** kappa, so at a fixed tau the nats gate spreads the weights as the
+    normalized gate would at tau / (log V) ** kappa.
+    """
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 to normalise the entropy by log(vocab_size), got {vocab_size}.")
-    normalized_entropy = (entropy.float() / math.log(vocab_size)).clamp(0.0, 1.0)
-    return divergence.float() * normalized_entropy.pow(kappa)
+    if entropy_gate not in ENTROPY_GATES:
+        raise ValueError(f"entropy_gate must be one of {list(ENTROPY_GATES)}, got {entropy_gate!r}.")
+    entropy = entropy.float().clamp(0.0, math.log(vocab_size))
+    if entropy_gate == "normalized":
+        entropy = entropy / math.log(vocab_size)
+    return divergence.float() * entropy.pow(kappa)
 
 
 def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -343,19 +363,19 @@ def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
     """w = T_i * softmax over sequence i's valid tokens of s / tau; 0 on invalid tokens and on empty sequences.
 
-    A sequence holding a non-finite score falls back to uniform weights (w = 1 on its valid tokens), so NaN never
-    reaches the loss.
+    Computed in float32, or in float64 for float64 scores. A sequence holding a non-finite score falls back to uniform
+    weights (w = 1 on its valid tokens), so NaN never reaches the loss.
     """
     mask = mask.bool()
-    scores = scores.float()
+    scores = scores if scores.dtype == torch.float64 else scores.float()
     fallback = nonfinite_sequences(scores, mask).unsqueeze(-1)
     logits = torch.where(mask & ~fallback, scores / tau, 0.0)
     logits = logits.masked_fill(~mask, -math.inf)
     row_max = logits.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
     e = torch.exp(logits - row_max)  # exactly 0 on invalid tokens
-    lengths = mask.sum(dim=-1, keepdim=True).float()
-    return lengths * e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    lengths = mask.sum(dim=-1, keepdim=True).to(scores.dtype)
+    return lengths * e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 
 
 def token_weights(
@@ -366,22 +386,46 @@ def token_weights(
     tau: float,
     kappa: float,
     vocab_size: int,
+    entropy_gate: str = "normalized",
 ) -> torch.Tensor:
-    """DGPO token weights w = T_i * softmax over valid tokens of d * (H / log V) ** kappa / tau, of `mask`'s shape.
+    """DGPO token weights w = T_i * softmax over valid tokens of s / tau (s from [`token_scores`]), of `mask`'s shape.
 
     Positive on valid tokens (mask = 1), 0 elsewhere, mean exactly 1 over each non-empty sequence; a sequence with
     no valid token gets all-zero weights. See [`weights_from_scores`] for the non-finite fallback.
     """
-    scores = token_scores(divergence, entropy, kappa=kappa, vocab_size=vocab_size)
+    scores = token_scores(divergence, entropy, kappa=kappa, vocab_size=vocab_size, entropy_gate=entropy_gate)
     return weights_from_scores(scores, mask, tau)
 
 
-def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) normalised effective sample size (sum w)^2 / (T sum w^2) in (0, 1]; NaN for empty sequences."""
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for statistics that must resolve small spreads, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def sequence_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) mean and variance of each sequence's valid values, in float64 (see [`wide_dtype`]); NaN for empty ones.
+
+    The variance is the mean squared deviation from the sequence's own mean, never E[x^2] - E[x]^2: DGPO's weights sit
+    near 1 with spreads down to 1e-6, where that difference cancels (in float32 a true std of 5.7e-5 reads as 0).
+    """
     mask = mask.bool()
-    w = torch.where(mask, weights.float(), 0.0)
-    lengths = mask.sum(dim=-1).float()
-    return w.sum(-1).square() / (lengths * w.square().sum(-1))
+    dtype = wide_dtype(x.device)
+    x = torch.where(mask, x.to(dtype), 0.0)
+    lengths = mask.sum(dim=-1).to(dtype)
+    mean = x.sum(-1) / lengths
+    deviations = torch.where(mask, x - mean.unsqueeze(-1), 0.0)
+    return mean, deviations.square().sum(-1) / lengths
+
+
+def effective_sample_size(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) normalised effective sample size (sum w)^2 / (T sum w^2) in (0, 1]; NaN for empty sequences.
+
+    Evaluated as 1 / (1 + var / mean^2) from the deviations (see [`sequence_moments`]), so a spread of 1e-6 gives
+    1 - 1e-12 rather than a cancelled 1 (or a value above 1). Returned in float64 for float64 weights, else float32.
+    """
+    mean, variance = sequence_moments(weights, mask)
+    ess = 1.0 / (1.0 + variance / mean.square())
+    return ess if weights.dtype == torch.float64 else ess.float()
 
 
 def tau_for_target_ess(

@@ -3,7 +3,8 @@
 Nothing here downloads: the tokenizer is a character-level vocabulary built with `tokenizers`, the model a
 random-init `LlamaForCausalLM` (a Llama config, because `AutoTokenizer` would swap a Qwen2 model's tokenizer for a
 byte-level one that drops whitespace). Both are saved with `save_pretrained` and loaded by path, as TRL loads a
-reference model from the policy's `config._name_or_path`.
+reference model from the policy's `config._name_or_path`. `build_tiny_model(..., architecture=...)` also builds the
+other families in `ARCHITECTURES` (tied embeddings, logit softcapping, logit scaling), for the architecture tests.
 """
 
 from __future__ import annotations
@@ -42,6 +43,33 @@ def build_tokenizer(alphabet: str = ALPHABET):
     )
 
 
+# Architectures `build_tiny_model` can build: each exercises something of the trainer's that Llama does not.
+# name: (config class, what the tiny config sets beyond the common fields)
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
+    # Tied input/output embeddings (one parameter for the embedding and the LM head); q/k/v projections with bias
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),
+    # Per-head RMSNorm on queries and keys; an explicit head_dim
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": False}),
+    # Final-logit softcapping (cap * tanh(logits / cap)), attention-logit softcapping, a sliding-window layer, tied.
+    # Caps far below the real 30 / 50: a random tiny model's logits are O(1), and the caps must bend them visibly.
+    "gemma2": (
+        "Gemma2Config",
+        {"tie_word_embeddings": True, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 5.0,
+         "sliding_window": 4, "attn_implementation": "eager"},
+    ),  # fmt: skip
+    # Logits multiplied by logit_scale (Command-R's 0.0625 would flatten a random tiny model's logits), tied
+    "cohere": ("CohereConfig", {"tie_word_embeddings": True, "logit_scale": 0.5}),
+    # Logits divided by logits_scaling (and Granite's embedding / residual / attention multipliers). Random weights
+    # 5x the usual std, so that the scaled-down logits are not flat (at 0.02 their std is ~0.02: near-uniform)
+    "granite": (
+        "GraniteConfig",
+        {"tie_word_embeddings": False, "logits_scaling": 8.0, "embedding_multiplier": 4.0,
+         "residual_multiplier": 0.5, "attention_multiplier": 1 / 16, "initializer_range": 0.1},
+    ),  # fmt: skip
+}
+
+
 def build_tiny_model(
     path: str | os.PathLike,
     *,
@@ -50,13 +78,28 @@ def build_tiny_model(
     num_heads: int = 4,
     seed: int = 0,
     alphabet: str = ALPHABET,
+    architecture: str = "llama",
+    initializer_range: float | None = None,
 ) -> str:
-    """Builds and saves a random-init tiny Llama and its tokenizer under `path`; returns the path as a string."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Builds and saves a random-init tiny causal LM and its char tokenizer under `path`; returns the path as a string.
 
+    `architecture` is one of `ARCHITECTURES` (default: an untied Llama). The saved tokenizer is always the char-level
+    `PreTrainedTokenizerFast` of `build_tokenizer`; for the non-Llama architectures load it with
+    `PreTrainedTokenizerFast.from_pretrained(path)` and pass it as `processing_class`: `AutoTokenizer` /
+    `AutoProcessor` pick the tokenizer class from the model type (`Qwen2Tokenizer`, `GemmaTokenizer`, ...), which
+    rebuilds the pre-tokenizer or decoder (a Qwen2 one drops whitespace). `initializer_range` (default: the config's
+    0.02) sets the std of the random weights; a larger one gives a random model sharper next-token distributions.
+    """
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; one of {sorted(ARCHITECTURES)}")
+    config_name, specific = ARCHITECTURES[architecture]
+    specific = dict(specific)
+    attn_implementation = specific.pop("attn_implementation", None)
     path = Path(path)
     tokenizer = build_tokenizer(alphabet)
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -67,10 +110,19 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
+        **specific,
     )
+    if architecture != "llama":
+        fields["head_dim"] = hidden_size // num_heads
+    if architecture == "gemma2":
+        fields["query_pre_attn_scalar"] = fields["head_dim"]
+    if initializer_range is not None:
+        fields["initializer_range"] = initializer_range
+    config = getattr(transformers, config_name)(**fields)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)

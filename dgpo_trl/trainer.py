@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from contextlib import contextmanager
@@ -12,10 +13,12 @@ from accelerate.utils import is_peft_model
 from peft import PeftModel
 from torch.distributed.tensor import DTensor
 
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import (
+    add_fused_lm_head,
     create_model_from_path,
     disable_dropout_in_model,
     get_config_model_id,
@@ -26,12 +29,14 @@ from trl.trainer.utils import (
 from .config import DGPOConfig, validate_dgpo_arguments
 from .functional import (
     TokenStatistics,
-    tau_for_target_ess,
     effective_sample_size,
     nonfinite_sequences,
+    sequence_moments,
+    tau_for_target_ess,
     token_scores,
     token_statistics,
     weights_from_scores,
+    wide_dtype,
 )
 
 
@@ -77,6 +82,85 @@ def _captured_hidden(backbone: torch.nn.Module):
         handle.remove()
 
 
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` as it is now, to serve as DGPO's frozen reference: same weights, buffers and config.
+
+    A model loaded under DeepSpeed ZeRO-3's `zero.Init` holds only its shard of every parameter on each rank: the copy
+    is built from the same config (partitioned the same way) and filled one gathered parameter at a time, so no rank
+    ever holds more than its shard of the copy plus one full parameter. Any other model is deep-copied.
+
+    Raises `ValueError` where no faithful copy can be made: a quantized model (its packed weights and quantization
+    state do not survive a copy) or a model whose parameters are on the meta device (they hold no values).
+    """
+    quantized = getattr(model, "hf_quantizer", None) is not None
+    if quantized or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        raise ValueError(
+            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but a quantized model cannot "
+            "be copied. Pass a `peft_config` (the reference is then the same model with its adapter disabled, as in "
+            "QLoRA), or pass the model's path as a string with `quantization_config` so the reference is loaded from it."
+        )
+    if any(param.is_meta for param in model.parameters()):
+        raise ValueError(
+            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but this model's parameters "
+            "are on the meta device and hold no values. Load its weights first (e.g. `from_pretrained`), or pass the "
+            "model's path as a string."
+        )
+    if not any(hasattr(param, "ds_id") for param in model.parameters()):
+        return copy.deepcopy(model)
+    import deepspeed
+
+    # `_from_config` builds under `zero.Init` while ZeRO-3 is configured, so the copy is partitioned like the model
+    reference = type(model)._from_config(
+        copy.deepcopy(model.config), dtype=model.dtype, attn_implementation=model.config._attn_implementation
+    )
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    params, copies = dict(model.named_parameters()), dict(reference.named_parameters())
+    if params.keys() != copies.keys():
+        raise RuntimeError(f"Copying {type(model).__name__} for the reference gave other parameters than the model's.")
+    for name, param in params.items():
+        with deepspeed.zero.GatheredParameters([param]), deepspeed.zero.GatheredParameters(
+            [copies[name]], modifier_rank=0
+        ):
+            if rank == 0:
+                copies[name].data.copy_(param.data)
+    for (name, buffer), (_, copied) in zip(model.named_buffers(), reference.named_buffers()):
+        copied.data.copy_(buffer.data)
+    return reference
+
+
+def _check_prompt_column(dataset, name: str) -> None:
+    """GRPOTrainer reads every example's prompt from a "prompt" column, and fails on the first batch with a bare
+    `KeyError` when there is none: say so at construction, naming the columns the dataset has."""
+    if isinstance(dataset, dict):  # DatasetDict, or a dict of eval datasets
+        for key, value in dataset.items():
+            _check_prompt_column(value, f"{name}[{key!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or "prompt" in columns:  # IterableDataset with unknown features: nothing to check yet
+        return
+    raise ValueError(
+        f"{name} has no 'prompt' column, which GRPOTrainer and DGPOTrainer read each example's prompt from; its "
+        f"columns are {list(columns)}. Rename the column that holds the prompts, e.g. "
+        f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`."
+    )
+
+
+class _ReferenceKernels(TrainerCallback):
+    """Gives DGPO's reference the Liger kernels `Trainer.train()` applies to the policy when `use_liger_kernel=True`.
+
+    transformers patches the policy at the start of `train()`, just before `on_train_begin`; a reference with the
+    standard kernels would differ from the policy by kernel numerics alone (d_t > 0 before any update).
+    """
+
+    def __init__(self, trainer: DGPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(self.trainer._reference(), args.liger_kernel_config)
+
+
 class _JointPass:
     """Stands in for the policy model inside `GRPOTrainer._get_per_token_logps_and_entropies`.
 
@@ -84,25 +168,23 @@ class _JointPass:
     labels, and calls `model(**inputs, labels=labels, fused_lm_head=True)`. Passing this object instead lets DGPO reuse
     that input building, and run, per chunk, the reference forward and the divergence pass over the scored positions.
 
-    The policy's hidden states come from a forward TRL runs anyway: at scoring time this object runs TRL's own call on
-    `policy` (the model TRL asked for) and returns TRL its output; at loss time they are given, captured from TRL's
-    training forward.
+    The policy's hidden states come from a forward TRL would run anyway. At loss time they are given, captured from
+    TRL's training forward. At scoring time (TRL's no-grad forward for pi_old log-probs, `scoring=True`) this object
+    runs the policy's backbone itself and returns TRL the label log-probs of its own pass: TRL's fused LM head would
+    project the policy's LM head a second time for the same numbers.
     """
 
-    def __init__(self, trainer: DGPOTrainer, policy=None, policy_hidden: torch.Tensor | None = None):
+    def __init__(self, trainer: DGPOTrainer, policy_hidden: torch.Tensor | None = None, scoring: bool = False):
         self.trainer = trainer
-        self.policy = policy
-        self.policy_hidden = policy_hidden  # (B, L, H)
+        self.scoring = scoring
+        self.policy_hidden = policy_hidden  # (B, L, H), at loss time
         self.rows_done = 0
         self.chunks: list[TokenStatistics] = []
 
     def __call__(self, labels, fused_lm_head=True, **model_inputs):
         trainer = self.trainer
-        output = None
-        if self.policy is not None:
-            with trainer._captured_policy_hidden() as captured:
-                output = self.policy(**model_inputs, labels=labels, fused_lm_head=True)
-            policy_hidden = captured[0]
+        if self.scoring:
+            policy_hidden = trainer._policy_hidden(model_inputs)
         else:
             policy_hidden = self.policy_hidden[self.rows_done : self.rows_done + labels.shape[0]]
             self.rows_done += labels.shape[0]
@@ -113,9 +195,7 @@ class _JointPass:
         stats = trainer._divergence_pass(policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask], targets[mask])
         per_position = TokenStatistics(*(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats))
         self.chunks.append(per_position)
-        if output is None:
-            output = SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
-        return output
+        return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
 
     def completion_statistics(self, logits_to_keep: int) -> TokenStatistics:
         """The collected statistics over the completion positions, each (rows, logits_to_keep); rows may be 0."""
@@ -170,34 +250,49 @@ class DGPOTrainer(GRPOTrainer):
             self, model, reward_funcs, args, *trainer_args, **trainer_kwargs
         ).arguments
         peft_config = given.get("peft_config")
+        for name in ("train_dataset", "eval_dataset"):
+            _check_prompt_column(given.get(name), name)
         wrapped_peft_model = not isinstance(model, str) and is_peft_model(model)
-        if needs_reference and peft_config is None and wrapped_peft_model and args.beta == 0.0:
-            # TRL keeps a frozen copy of a pretrained adapter as the "ref" adapter only when beta != 0. DGPO's
-            # reference is the initial policy whatever beta is, so make the same copy.
+        if needs_reference and peft_config is None and wrapped_peft_model:
+            # A pretrained adapter: the reference is the initial policy, base model plus this adapter, kept as a frozen
+            # "ref" adapter copy (what TRL does for beta != 0; TRL's __init__ sees beta = 0 below).
             model.add_adapter("ref", model.peft_config["default"])
             for name, param in model.named_parameters():
                 if ".default." in name:
                     model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+        # A model passed as an object may differ from what its config's path holds (changed in memory, or built from
+        # a config): its reference is a copy of it, taken before TRL patches its forward (a copy of a patched model
+        # would keep calling the original's). A model passed as a path gets its reference from that path.
+        reference = None
+        if needs_reference and peft_config is None and not wrapped_peft_model and not isinstance(model, str):
+            reference = frozen_copy(model)
 
-        # TRL refuses `sync_ref_model` with beta = 0 because it then loads no reference; DGPO loads one (not for PEFT,
-        # where TRL does not support syncing either), so it keeps the option and registers TRL's callback itself.
-        sync_reference = needs_reference and args.sync_ref_model and args.beta == 0.0
-        if sync_reference:
-            if peft_config is not None or wrapped_peft_model:
-                raise NotImplementedError(
-                    "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
-                    "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
-                )
-            args.sync_ref_model = False
+        sync_reference = needs_reference and args.sync_ref_model
+        if sync_reference and (peft_config is not None or wrapped_peft_model):
+            raise NotImplementedError(
+                "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
+                "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
+            )
+        # DGPO's reference replaces TRL's: TRL's __init__ sees beta = 0 so that it loads none (it would reload the
+        # model from its path), and no sync_ref_model, which it refuses with beta = 0; both are restored right after.
+        hidden = {"beta": 0.0, "sync_ref_model": False} if needs_reference else {}
+        restore = {key: getattr(args, key) for key in hidden}
+        for key, value in hidden.items():
+            setattr(args, key, value)
         try:
             super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
         finally:
-            if sync_reference:
-                args.sync_ref_model = True
+            for key, value in restore.items():
+                setattr(args, key, value)
+        self.beta = args.beta
 
         self._unwrapped: dict[int, tuple] = {}
-        if needs_reference and self.ref_model is None and not isinstance(self._policy(), PeftModel):
-            self.ref_model = self._load_reference_model(given.get("quantization_config"))
+        if needs_reference and not isinstance(self._policy(), PeftModel):
+            if reference is None:
+                reference = self._load_reference_model(given.get("quantization_config"))
+            self.ref_model = self._prepare_reference_model(reference)
+            if args.use_liger_kernel:
+                self.add_callback(_ReferenceKernels(self))
         if sync_reference:
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         policy = _causal_lm(self._policy())
@@ -206,8 +301,8 @@ class DGPOTrainer(GRPOTrainer):
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
         self._scoring: _JointPass | None = None  # set while TRL scores a generation batch
         self._loss_inputs: dict | None = None  # the micro-batch whose weights come from the training forward
-        # A few scored completions of the latest batch and their token weights (CPU), for heatmaps and inspection:
-        # {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
+        # A few scored completions of the latest batch that scored any, and their token weights (CPU), for heatmaps
+        # and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
         self.last_token_weights: dict[str, torch.Tensor] | None = None
         self.num_completions_to_show = 8
 
@@ -215,18 +310,7 @@ class DGPOTrainer(GRPOTrainer):
     # Models
 
     def _load_reference_model(self, quantization_config):
-        """A frozen reference loaded and prepared exactly as `GRPOTrainer.__init__` prepares its own for beta != 0.
-
-        Loaded from the policy's `config._name_or_path`, never copied: a `deepcopy` of a model TRL has patched keeps
-        calling the original's forward.
-        """
-        model_id = get_config_model_id(self.model.config)
-        if not model_id:
-            raise ValueError(
-                "DGPO scores tokens against a frozen reference model, which it loads (like TRL) from the policy's "
-                "`config._name_or_path`, but this model has none. Save it with `save_pretrained` and pass the path, "
-                "or load it with `from_pretrained`."
-            )
+        """The reference of a policy given as a path: loaded from it as `GRPOTrainer.__init__` loads its own."""
         model_init_kwargs = dict(self.args.model_init_kwargs or {})
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
@@ -235,10 +319,15 @@ class DGPOTrainer(GRPOTrainer):
         model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         model_init_kwargs.setdefault("dtype", self.model.dtype)
         model_init_kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
-        ref_model = create_model_from_path(model_id, **model_init_kwargs)
+        return create_model_from_path(get_config_model_id(self.model.config), **model_init_kwargs)
+
+    def _prepare_reference_model(self, ref_model):
+        """Frozen, and prepared exactly as `GRPOTrainer.__init__` prepares its own reference for beta != 0 (with its
+        fused LM head too, so TRL code that scores `ref_model` works on it; DGPO's pass does not use it)."""
         ref_model.requires_grad_(False)
         if self.args.disable_dropout:
             disable_dropout_in_model(ref_model)
+        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(ref_model, self.accelerator)
         if self.is_fsdp_enabled:
@@ -278,6 +367,16 @@ class DGPOTrainer(GRPOTrainer):
             with use_adapter(reference, adapter_name="ref" if "ref" in reference.peft_config else None):
                 return _causal_lm(reference).base_model(**model_inputs, use_cache=False)[0]
 
+    def _policy_hidden(self, model_inputs) -> torch.Tensor:
+        """The policy's last hidden states for a chunk of TRL-built model inputs, from its backbone alone (no grad).
+
+        The backbone is what TRL's fused LM head runs before projecting (`model.base_model`), with the same inputs.
+        The policy's `lm_head` module is never called: under ZeRO-3 such a call before the training forward would
+        corrupt its backward.
+        """
+        with torch.no_grad():
+            return _causal_lm(self._policy()).base_model(**model_inputs, use_cache=False)[0]
+
     def _captured_policy_hidden(self):
         """Collects the policy backbone's last hidden states from the forwards run inside the block."""
         return _captured_hidden(_causal_lm(self._policy()).base_model)
@@ -312,23 +411,22 @@ class DGPOTrainer(GRPOTrainer):
         # TRL scores the reference only when beta != 0; DGPO's own reference forward yields those log-probs, so TRL's
         # is switched off while it scores (restored before anything reads beta again).
         beta, self.beta = self.beta, 0.0
-        self._scoring = _JointPass(self)
+        self._scoring = _JointPass(self, scoring=True)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.beta = beta
             joint, self._scoring = self._scoring, None
         if joint.chunks:
-            # TRL ran the policy for pi_old log-probs, and DGPO's statistics came out of that pass for every row
+            # TRL asked for pi_old log-probs, and DGPO's pass gave them, with its statistics, for every row
             completion_ids = output["completion_ids"]
             rows = torch.arange(completion_ids.size(0), device=completion_ids.device)
             self._apply_token_weights(output, joint.completion_statistics(completion_ids.size(1)), rows)
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if self._scoring is not None:
-            # TRL's scoring-time policy forward (pi_old log-probs): DGPO's joint pass runs it and adds the reference
-            self._scoring.policy = model
+        if self._scoring is not None and model is self.model:
+            # TRL's scoring-time policy forward (pi_old log-probs): DGPO's joint pass answers it
             return super()._get_per_token_logps_and_entropies(
                 self._scoring, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
@@ -396,7 +494,13 @@ class DGPOTrainer(GRPOTrainer):
         advantages = inputs["advantages"]
         scored_mask = mask[rows]
         divergence = stats.divergence(self.dgpo.score)
-        scores = token_scores(divergence, stats.entropy, kappa=self.dgpo.kappa, vocab_size=self._vocab_size)
+        scores = token_scores(
+            divergence,
+            stats.entropy,
+            kappa=self.dgpo.kappa,
+            vocab_size=self._vocab_size,
+            entropy_gate=self.dgpo.entropy_gate,
+        )
         tau = self.dgpo.tau
         if self.dgpo.target_ess is not None:
             tau = tau_for_target_ess(
@@ -406,65 +510,88 @@ class DGPOTrainer(GRPOTrainer):
                 fallback=self.dgpo.tau,
                 reduce=lambda x: self.accelerator.reduce(x, reduction="sum"),
             )
-        scored_weights = weights_from_scores(scores, scored_mask, tau)
+        # In float64: the metrics must resolve weight spreads far below float32's resolution near w = 1
+        scored_weights = weights_from_scores(scores.to(wide_dtype(scores.device)), scored_mask, tau)
         weights = mask.float()
-        weights[rows] = scored_weights
+        weights[rows] = scored_weights.float()
         inputs["advantages"] = advantages.unsqueeze(1) * weights
-        shown = rows[: self.num_completions_to_show]
-        self.last_token_weights = {
-            "completion_ids": inputs["completion_ids"][shown].cpu(),
-            "weights": weights[shown].cpu(),
-            "mask": mask[shown].cpu(),
-            "advantages": advantages[shown].cpu(),
-        }
+        if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
+            shown = rows[: self.num_completions_to_show]
+            self.last_token_weights = {
+                "completion_ids": inputs["completion_ids"][shown].cpu(),
+                "weights": weights[shown].cpu(),
+                "mask": mask[shown].cpu(),
+                "advantages": advantages[shown].cpu(),
+            }
         if self.beta != 0.0:  # every row was scored (see `_rows_to_score`)
             inputs["ref_per_token_logps"] = stats.ref_logps
         self._log_dgpo_metrics(stats, divergence, scores, scored_weights, scored_mask, tau, len(advantages))
 
     def _log_dgpo_metrics(self, stats, divergence, scores, weights, mask, tau, batch_rows) -> None:
-        """Logs DGPO's statistics over the scored tokens, reduced across processes, under `dgpo/`."""
+        """Logs DGPO's statistics over the scored tokens, reduced across processes, under `dgpo/`.
+
+        Means are over scored tokens (`/mean`) or sequences (`ess`). Spreads are within-sequence, from deviations
+        in float64 (`sequence_moments`): `weight/std` is the pooled std of w around each sequence's mean of exactly 1,
+        `score/std` that of s, the spread the softmax turns into weights (relative to tau).
+        """
         mode = "train" if self.model.training else "eval"
+        wide = weights.dtype
         valid = mask & torch.isfinite(scores)
         non_empty = mask.any(dim=-1)
+        scored_rows = valid.any(dim=-1)
         normalized_entropy = (stats.entropy / math.log(self._vocab_size)).clamp(0.0, 1.0)
+        _, weight_variance = sequence_moments(weights, mask)
+        _, score_variance = sequence_moments(scores, valid)
 
         def total(x):
-            return torch.where(valid, x, 0.0).sum()
+            return torch.where(valid, x.to(wide), 0.0).sum()
 
         def maximum(x):
             return torch.where(valid, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf)
+
+        def count(x):
+            return torch.tensor(float(x), dtype=wide, device=mask.device)
 
         sums = torch.stack(
             [
                 total(divergence),
                 total(normalized_entropy),
+                total(stats.entropy),
                 total(scores),
                 total(stats.reverse_kl),
-                total(weights),
-                total(weights.square()),
-                valid.sum().float(),
+                valid.sum().to(wide),
+                (weight_variance * mask.sum(-1))[non_empty].sum(),
+                mask.sum().to(wide),
+                (score_variance * valid.sum(-1))[scored_rows].sum(),
                 effective_sample_size(weights, mask)[non_empty].sum(),
-                non_empty.sum().float(),
-                nonfinite_sequences(scores, mask).sum().float(),
-                torch.tensor(float(len(mask)), device=mask.device),
-                torch.tensor(float(batch_rows), device=mask.device),
-                torch.tensor(float(tau), device=mask.device),
+                non_empty.sum().to(wide),
+                nonfinite_sequences(scores, mask).sum().to(wide),
+                count(len(mask)),
+                count(batch_rows),
+                count(tau),
             ]
         )
         sums = self.accelerator.reduce(sums, reduction="sum")
-        maxima = self.accelerator.gather(torch.stack([maximum(divergence), maximum(weights)]).unsqueeze(0)).amax(0)
-        d, h, s, kl, w, w2, n_tokens, ess, n_seqs, n_nonfinite, n_scored, n_rows, tau_sum = sums.tolist()
+        maxima = torch.stack([maximum(divergence), maximum(scores), maximum(weights.float())]).unsqueeze(0)
+        maxima = self.accelerator.gather(maxima).amax(0)
+        (
+            d, h_normalized, h, s, kl, n_valid, weight_ss, n_weighted, score_ss, ess, n_seqs, n_nonfinite, n_scored,
+            n_rows, tau_sum,
+        ) = sums.tolist()
         metrics = self._metrics[mode]
         metrics["dgpo/nonfinite_sequences"].append(n_nonfinite)
         metrics["dgpo/scored_fraction"].append(n_scored / max(n_rows, 1.0))
         metrics["dgpo/tau"].append(tau_sum / self.accelerator.num_processes)
-        if n_tokens == 0:
+        if n_valid == 0:
             return
-        metrics["dgpo/divergence/mean"].append(d / n_tokens)
+        metrics["dgpo/divergence/mean"].append(d / n_valid)
         metrics["dgpo/divergence/max"].append(maxima[0].item())
-        metrics["dgpo/entropy_normalized/mean"].append(h / n_tokens)
-        metrics["dgpo/score/mean"].append(s / n_tokens)
-        metrics["dgpo/reverse_kl/mean"].append(kl / n_tokens)
-        metrics["dgpo/weight/max"].append(maxima[1].item())
-        metrics["dgpo/weight/std"].append(math.sqrt(max(w2 / n_tokens - (w / n_tokens) ** 2, 0.0)))
+        metrics["dgpo/entropy/mean"].append(h / n_valid)
+        metrics["dgpo/entropy_normalized/mean"].append(h_normalized / n_valid)
+        metrics["dgpo/score/mean"].append(s / n_valid)
+        metrics["dgpo/score/std"].append(math.sqrt(score_ss / n_valid))
+        metrics["dgpo/score/max"].append(maxima[1].item())
+        metrics["dgpo/reverse_kl/mean"].append(kl / n_valid)
+        metrics["dgpo/weight/max"].append(maxima[2].item())
+        metrics["dgpo/weight/std"].append(math.sqrt(weight_ss / n_weighted))
         metrics["dgpo/ess"].append(ess / n_seqs)

@@ -1,8 +1,15 @@
-"""Token-weight heatmaps, like the paper's Fig. 4: each completion token's background intensity shows its weight w_t.
+"""Token-weight heatmaps, like the paper's Fig. 4: each completion token's background colour shows its weight w_t.
 
 DGPO gives token t of completion i the advantage A_i * w_t with mean_t w_t = 1; a heatmap shows where the
 sequence's credit went. `DGPOTrainer.last_token_weights` holds a few completions of the latest scored batch:
 `{"completion_ids", "weights", "mask"}` of shape (n, T) and `"advantages"` of shape (n,).
+
+The colour scale diverges at the mean, w = 1 (white): blue below, red above, symmetric in log w (w = 2 and w = 0.5
+are equally strong). By default its ends are 1/vmax and vmax with vmax = max(w, 1/w) over the weights shown, so
+near-uniform weights (0.99-1.02 at the paper's tau = 0.5) use the whole scale and concentrated ones (0.1-8) stay
+ordered; pass `vmax` to share one scale between several heatmaps (e.g. training steps). Weights that are all 1 (to
+within 1e-4: e.g. step 1, where pi_theta = pi_ref) are drawn white, and the legend says they are uniform. Every
+heatmap has a legend: the colour bar with its end values, and the smallest and largest weight shown.
 
 - `heatmap_html(...)`: a self-contained HTML page (every token HTML-escaped: completions are untrusted text).
 - `heatmap_png(...)`: the same picture as a PNG, with matplotlib.
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import html
 import importlib
+import math
+import numbers
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -33,10 +42,17 @@ __all__ = [
     "token_strings",
 ]
 
-# Background colour of a token at full intensity (w = vmax); lower weights fade towards white. Capped below
-# opaque so that the text on the most-weighted tokens stays readable.
-_RGB = (214, 39, 40)
-_MAX_ALPHA = 0.8
+# Diverging colour ramps (ColorBrewer RdBu), from white at w = 1 out to each end of the scale, evenly spaced in
+# |log w| / log vmax; colours in between are interpolated linearly. The ends are not the darkest RdBu shades, and
+# tokens on the darker half get white text (`_text_rgb`), so every token stays readable.
+_WHITE = (255, 255, 255)
+_RED_RAMP = (_WHITE, (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43))
+_BLUE_RAMP = (_WHITE, (209, 229, 240), (146, 197, 222), (67, 147, 195), (33, 102, 172))
+_NAN_RGB = (221, 221, 221)  # a non-finite weight: no place on the scale
+# Weights within this distance of 1 count as uniform (float noise): drawn white, and the legend says so
+_UNIFORM_TOLERANCE = 1e-4
+# The automatic scale never ends closer to 1 than this, so weights just past the tolerance are only tinted
+_MIN_VMAX = 1.001
 
 
 @dataclass
@@ -77,22 +93,120 @@ def completions_from_token_weights(
         if advantages is not None:
             caption += f" · advantage {float(advantages[i]):+.3f}"
         if row_weights:
-            caption += f" · max w {max(row_weights):.2f} · min w {min(row_weights):.2f}"
+            caption += f" · max w {max(row_weights):.3f} · min w {min(row_weights):.3f}"
         completions.append(HeatmapCompletion(token_strings(ids[i][valid].tolist(), tokenizer), row_weights, caption))
     return completions
 
 
-def _common_vmax(completions: Sequence[HeatmapCompletion], vmax: float | None) -> float:
-    if vmax is not None:
-        if not vmax > 0:
-            raise ValueError(f"vmax must be > 0, got {vmax!r}.")
-        return float(vmax)
-    largest = max((max(c.weights) for c in completions if c.weights), default=1.0)
-    return largest if largest > 0 else 1.0
+# ----------------------------------------------------------------------------------------------------------------
+# The colour scale
 
 
-def _intensity(weight: float, vmax: float) -> float:
-    return _MAX_ALPHA * min(max(weight / vmax, 0.0), 1.0)
+def _check_vmax(vmax) -> float | None:
+    if vmax is None:
+        return None
+    if isinstance(vmax, bool) or not isinstance(vmax, numbers.Real) or not math.isfinite(vmax) or not vmax > 1:
+        raise ValueError(
+            f"vmax must be a finite number > 1 (the weight at the red end of the scale; 1/vmax is the blue end), "
+            f"got {vmax!r}."
+        )
+    return float(vmax)
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """The diverging colour scale of one heatmap: white at w = 1, full blue at 1/vmax, full red at vmax."""
+
+    vmax: float
+    observed: tuple[float, float] | None  # the smallest and largest finite weight shown
+    uniform: bool  # every finite weight is 1 within _UNIFORM_TOLERANCE
+    fixed: bool  # vmax came from the caller
+
+    @classmethod
+    def of(cls, completions: Sequence[HeatmapCompletion], vmax: float | None) -> _Scale:
+        fixed = _check_vmax(vmax)
+        finite = [float(w) for c in completions for w in c.weights if math.isfinite(w)]
+        observed = (min(finite), max(finite)) if finite else None
+        uniform = bool(finite) and all(abs(w - 1.0) <= _UNIFORM_TOLERANCE for w in finite)
+        if fixed is None:
+            # Symmetric in log w: the end is the weight farthest from 1 by ratio (w <= 0 sits at the blue end)
+            ratios = [max(w, 1.0 / w) for w in finite if w > 0 and math.isfinite(1.0 / w)]
+            return cls(max([_MIN_VMAX, *ratios]), observed, uniform, False)
+        return cls(fixed, observed, uniform, True)
+
+    def position(self, weight: float) -> float | None:
+        """Where `weight` sits on the scale: -1 (blue end) ... 0 (w = 1, white) ... 1 (red end); None if not finite."""
+        weight = float(weight)
+        if math.isnan(weight):
+            return None
+        if self.uniform and not self.fixed:
+            return 0.0
+        if weight <= 0:
+            return -1.0
+        if math.isinf(weight):
+            return 1.0
+        return max(-1.0, min(1.0, math.log(weight) / math.log(self.vmax)))
+
+    def rgb(self, weight: float) -> tuple[int, int, int]:
+        position = self.position(weight)
+        return _NAN_RGB if position is None else _ramp_rgb(position)
+
+    def decimals(self) -> int:
+        """Decimals that tell the scale's ends (and weights near them) apart from 1: 3 for 0.98-1.02, 2 for 0.1-8."""
+        if self.uniform and not self.fixed:
+            return 4  # the tolerance's digits: "1.0000"
+        return max(2, min(6, math.ceil(-math.log10(self.vmax - 1.0) - 1e-9) + 1))
+
+    def number(self, weight: float) -> str:
+        if not math.isfinite(weight):
+            return str(weight)
+        decimals = self.decimals()
+        if 0 < abs(weight) < 10 ** -decimals:  # e.g. the blue end of a very wide scale
+            return f"{weight:.2g}"
+        return f"{weight:.{decimals}f}"
+
+    def ticks(self) -> tuple[str, str, str]:
+        """The labels of the colour bar's left end, middle and right end (uniform weights use no scale: no ends)."""
+        if self.uniform and not self.fixed:
+            return "", "1", ""
+        return self.number(1.0 / self.vmax), "1", self.number(self.vmax)
+
+    def legend_lines(self) -> tuple[str, str]:
+        """The legend's text beside the colour bar: what the colours mean, and the weights observed."""
+        if self.observed is None:
+            return "no weights to show", ""
+        low, high = (self.number(w) for w in self.observed)
+        observed = f"observed: min {low}, max {high}"
+        if self.uniform:
+            meaning = f"uniform weights: every w = 1 within ±{_UNIFORM_TOLERANCE:g}"
+            return meaning + ("" if self.fixed else ", drawn white"), observed
+        return "blue: w < 1 · white: w = 1 (the mean) · red: w > 1 · log scale, w and 1/w equally strong", observed
+
+
+def _ramp_rgb(position: float) -> tuple[int, int, int]:
+    ramp = _RED_RAMP if position >= 0 else _BLUE_RAMP
+    x = min(abs(position), 1.0) * (len(ramp) - 1)
+    i = min(int(x), len(ramp) - 2)
+    f = x - i
+    return tuple(round(a + (b - a) * f) for a, b in zip(ramp[i], ramp[i + 1]))
+
+
+def _text_rgb(background: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white text, whichever contrasts more with `background` (WCAG relative luminance)."""
+
+    def linear(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in background)
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return (0, 0, 0) if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else (255, 255, 255)
+
+
+def _css_gradient() -> str:
+    """The colour bar as a CSS gradient: the same stops as `_ramp_rgb`, blue end at the left."""
+    stops = list(reversed(_BLUE_RAMP)) + list(_RED_RAMP[1:])
+    return ", ".join(f"rgb{rgb} {100 * i / (len(stops) - 1):g}%" for i, rgb in enumerate(stops))
 
 
 _STYLE = """
@@ -101,23 +215,41 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
   border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 0.8em; margin: 0.3em 0 1.2em 0; }
 .dgpo-token { border-radius: 3px; padding: 0.1em 0; }
 .dgpo-caption { font-size: 0.9em; color: #555; }
-.dgpo-legend { display: inline-block; width: 12em; height: 0.9em; vertical-align: middle;
-  background: linear-gradient(to right, rgba(214,39,40,0), rgba(214,39,40,0.8)); border: 1px solid #ccc; }
+.dgpo-legend { display: flex; align-items: flex-start; gap: 1em; flex-wrap: wrap; margin: 0.3em 0 1.2em 0; }
+.dgpo-scale { width: 16em; flex: none; }
+.dgpo-bar { height: 0.9em; border: 1px solid #bbb; border-radius: 2px; }
+.dgpo-ticks { position: relative; height: 1.3em; font-size: 0.8em; color: #444; }
+.dgpo-ticks span { position: absolute; top: 0.1em; }
+.dgpo-ticks .dgpo-mid { left: 50%; transform: translateX(-50%); }
+.dgpo-ticks .dgpo-high { right: 0; }
 """
 
 
-def _token_html(token: str, weight: float, vmax: float) -> str:
+def _token_html(token: str, weight: float, scale: _Scale) -> str:
     shown = html.escape(token, quote=True)
     # Whitespace-only tokens would be invisible: show a marker, and keep the line break itself
     if token == "\n":
         shown = "↵\n"
     elif token and not token.strip():
         shown = shown.replace(" ", "·").replace("\t", "→")
-    alpha = _intensity(weight, vmax)
-    r, g, b = _RGB
+    background = scale.rgb(weight)
+    style = "background-color: rgb({},{},{})".format(*background)
+    if _text_rgb(background) != (0, 0, 0):
+        style += "; color: #fff"
+    number = f"{weight:.{max(3, scale.decimals())}f}" if math.isfinite(weight) else str(weight)
+    return f'<span class="dgpo-token" style="{style}" title="w = {number}">{shown}</span>'
+
+
+def _legend_html(scale: _Scale) -> str:
+    low, mid, high = (html.escape(t) for t in scale.ticks())
     return (
-        f'<span class="dgpo-token" style="background-color: rgba({r},{g},{b},{alpha:.3f})" '
-        f'title="w = {weight:.3f}">{shown}</span>'
+        '<div class="dgpo-legend"><div class="dgpo-scale">'
+        f'<div class="dgpo-bar" style="background: linear-gradient(to right, {_css_gradient()})"></div>'
+        f'<div class="dgpo-ticks"><span class="dgpo-low">{low}</span><span class="dgpo-mid">{mid}</span>'
+        f'<span class="dgpo-high">{high}</span></div></div>'
+        f'<div class="dgpo-caption">{"<br>".join(html.escape(line) for line in scale.legend_lines() if line)}<br>'
+        "w is the token's share of its sequence's advantage (mean 1 over the completion); hover over a token to see "
+        "its w.</div></div>"
     )
 
 
@@ -127,22 +259,24 @@ def heatmap_html(
     title: str = "DGPO token weights",
     vmax: float | None = None,
 ) -> str:
-    """A standalone HTML page drawing each completion's tokens on a background whose intensity is w_t / vmax.
+    """A standalone HTML page drawing each completion's tokens on a background coloured by their weight w_t.
 
-    `vmax` defaults to the largest weight shown (all completions share one scale). Hovering a token shows its
-    weight. Tokens, captions and the title are HTML-escaped.
+    The colours diverge at w = 1 (white): blue below, red above, symmetric in log w, with full blue at 1/vmax and
+    full red at vmax (weights beyond are clipped to the ends). `vmax` (> 1) defaults to max(w, 1/w) over all the
+    weights shown (all completions share one scale); pass it to compare several heatmaps on one scale. Weights
+    all equal to 1 (within 1e-4) are drawn white unless `vmax` is given. A legend gives the scale's end values and
+    the smallest and largest weight; hovering a token shows its weight. Tokens, captions and the title are
+    HTML-escaped.
     """
     if isinstance(completions, HeatmapCompletion):
         completions = [completions]
-    scale = _common_vmax(completions, vmax)
+    scale = _Scale.of(completions, vmax)
     parts = [
         "<!DOCTYPE html>",
         '<html><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h2>{html.escape(title)}</h2>",
-        f'<p class="dgpo-caption">Background intensity = w / {scale:.2f} (w is the token\'s share of its sequence '
-        'advantage, mean 1 over the sequence): <span class="dgpo-legend"></span> 0 &rarr; '
-        f"{scale:.2f}</p>",
+        _legend_html(scale),
     ]
     for completion in completions:
         parts.append(f'<div class="dgpo-caption">{html.escape(completion.caption)}</div>')
@@ -170,6 +304,33 @@ def _png_lines(tokens: Sequence[str], width: int) -> list[list[tuple[str, int]]]
     return lines
 
 
+_BAR_COLUMNS = 24  # the PNG legend's colour bar, in character widths
+_LEGEND_ROWS = 2
+
+
+def _unit_rgb(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    return tuple(c / 255 for c in rgb)
+
+
+def _draw_png_legend(ax, scale: _Scale, row: float) -> None:
+    """The colour bar (row `row`), its end and middle values below it, and the legend's text to its right."""
+    from matplotlib.patches import Rectangle
+
+    segments = 96
+    for k in range(segments):
+        position = -1 + (2 * k + 1) / segments
+        x = _BAR_COLUMNS * k / segments
+        ax.add_patch(
+            Rectangle((x, row - 0.3), _BAR_COLUMNS / segments + 0.02, 0.6, facecolor=_unit_rgb(_ramp_rgb(position)),
+                      linewidth=0)
+        )
+    ax.add_patch(Rectangle((0, row - 0.3), _BAR_COLUMNS, 0.6, fill=False, edgecolor="#999999", linewidth=0.6))
+    for x, label, align in zip((0, _BAR_COLUMNS / 2, _BAR_COLUMNS), scale.ticks(), ("left", "center", "right")):
+        ax.text(x, row + 0.72, label, fontsize=7.5, color="#333333", ha=align, va="center", parse_math=False)
+    for offset, line in zip((0, 0.72), scale.legend_lines()):
+        ax.text(_BAR_COLUMNS + 2, row + offset, line, fontsize=8, color="#333333", va="center", parse_math=False)
+
+
 def heatmap_png(
     completions: Sequence[HeatmapCompletion] | HeatmapCompletion,
     path=None,
@@ -179,7 +340,8 @@ def heatmap_png(
     width: int = 80,
     dpi: int = 120,
 ):
-    """Draws the completions like `heatmap_html` with matplotlib and saves a PNG to `path` (if given).
+    """Draws the completions like `heatmap_html` (same colours, scale, `vmax` and legend) with matplotlib and
+    saves a PNG to `path` (if given).
 
     Returns the matplotlib `Figure` (closed after saving when `path` is given). Text is drawn literally (no
     mathtext), so `$` in a completion is just a character.
@@ -193,13 +355,15 @@ def heatmap_png(
 
     if isinstance(completions, HeatmapCompletion):
         completions = [completions]
-    scale = _common_vmax(completions, vmax)
+    scale = _Scale.of(completions, vmax)
     layouts = [_png_lines(c.tokens, width) for c in completions]
-    # One x unit per character; the page is as wide as the longest token line, title or caption (at least 48)
-    columns = max([48, len(title) + 24] + [len(c.caption) for c in completions])
+    # One x unit per character; the page is as wide as the longest token line, title, caption or legend line (at
+    # least 48). Proportional 8-point text takes about 0.6 of a unit per character.
+    legend_columns = _BAR_COLUMNS + 2 + 0.62 * max(len(line) for line in scale.legend_lines())
+    columns = max([48, len(title) + 24, math.ceil(legend_columns)] + [len(c.caption) for c in completions])
     columns = max([columns] + [sum(len(shown) for shown, _ in line) for lines in layouts for line in lines])
-    # Rows: a title row, then per completion a caption row, its token lines and a blank spacer
-    total_rows = 1 + sum(len(lines) + 2 for lines in layouts)
+    # Rows: a title row, the legend, then per completion a caption row, its token lines and a blank spacer
+    total_rows = 1 + _LEGEND_ROWS + sum(len(lines) + 2 for lines in layouts)
     char_inches, row_inches = 0.1, 0.26
     # DejaVu Sans Mono advances 0.602 em per character: this size makes one character exactly one x unit wide
     font_size = char_inches * 72 / 0.602
@@ -208,19 +372,20 @@ def heatmap_png(
     ax.set_xlim(-2, columns + 2)
     ax.set_ylim(total_rows + 0.5, -0.5)
     ax.axis("off")
-    r, g, b = (c / 255 for c in _RGB)
-    ax.text(0, 0, f"{title}  (intensity = w / {scale:.2f})", fontsize=10, weight="bold", va="center", parse_math=False)
-    row = 1
+    ax.text(0, 0, title, fontsize=10, weight="bold", va="center", parse_math=False)
+    _draw_png_legend(ax, scale, 1)
+    row = 1 + _LEGEND_ROWS
     for completion, lines in zip(completions, layouts):
         ax.text(0, row, completion.caption, fontsize=8, color="#555555", va="center", parse_math=False)
         row += 1
         for line in lines:
             column = 0
             for shown, index in line:
-                alpha = _intensity(completion.weights[index], scale)
-                box = Rectangle((column, row - 0.42), len(shown), 0.84, facecolor=(r, g, b, alpha), linewidth=0)
+                background = scale.rgb(completion.weights[index])
+                box = Rectangle((column, row - 0.42), len(shown), 0.84, facecolor=_unit_rgb(background), linewidth=0)
                 ax.add_patch(box)
-                ax.text(column, row, shown, family="DejaVu Sans Mono", fontsize=font_size, va="center", parse_math=False)
+                ax.text(column, row, shown, family="DejaVu Sans Mono", fontsize=font_size, va="center",
+                        color=_unit_rgb(_text_rgb(background)), parse_math=False)
                 column += len(shown)
             row += 1
         row += 1
@@ -247,6 +412,9 @@ class TokenWeightHeatmapCallback(TrainerCallback):
     `_logs` buffer, checked for the expected layout first). With a backend active but `log_completions=False`, the
     heatmap of the drawn completions is logged as one image under `dgpo/token_weights` instead.
 
+    `vmax` (> 1) fixes the colour scale (1/vmax ... 1 ... vmax) so that all steps share it; by default each step's
+    heatmap spans its own weights (see `heatmap_html`).
+
     Usage: `trainer.add_callback(TokenWeightHeatmapCallback(trainer))`.
     """
 
@@ -256,6 +424,7 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         num_completions: int = 4,
         formats: Sequence[str] = ("html", "png"),
         subdir: str = "token_weights",
+        vmax: float | None = None,
     ):
         unknown = set(formats) - {"html", "png"}
         if unknown or not formats:
@@ -266,6 +435,7 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         self.num_completions = num_completions
         self.formats = tuple(formats)
         self.subdir = subdir
+        self.vmax = _check_vmax(vmax)
         self.written: list[Path] = []
         self._last_drawn = None  # the last_token_weights dict drawn last (a new batch brings a new dict)
         self._images_buffer = None  # the `image` column this callback put into TRL's table, if any
@@ -292,17 +462,21 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         title = f"DGPO token weights, step {state.global_step}"
         stem = directory / f"step_{state.global_step:06d}"
         if "html" in self.formats:
-            stem.with_suffix(".html").write_text(heatmap_html(completions, title=title), encoding="utf-8")
+            page = heatmap_html(completions, title=title, vmax=self.vmax)
+            stem.with_suffix(".html").write_text(page, encoding="utf-8")
             self.written.append(stem.with_suffix(".html"))
         if "png" in self.formats:
-            heatmap_png(completions, stem.with_suffix(".png"), title=title)
+            heatmap_png(completions, stem.with_suffix(".png"), title=title, vmax=self.vmax)
             self.written.append(stem.with_suffix(".png"))
         if backends:
             if getattr(self.trainer, "log_completions", False):
-                images = [_figure_image(heatmap_png([c], title=title)) for c in completions]
+                # One image per row, all on the scale of the drawn completions (so rows compare), unless uniform
+                scale = _Scale.of(completions, self.vmax)
+                vmax = None if scale.uniform and self.vmax is None else scale.vmax
+                images = [_figure_image(heatmap_png([c], title=title, vmax=vmax)) for c in completions]
                 if self._fill_images_column(token_weights, tokenizer, images):
                     return
-            combined = _figure_image(heatmap_png(completions, title=title))
+            combined = _figure_image(heatmap_png(completions, title=title, vmax=self.vmax))
             for backend in backends:
                 backend.log({"dgpo/token_weights": backend.Image(combined)})
 

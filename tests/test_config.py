@@ -1,6 +1,7 @@
 """DGPOConfig: defaults, documentation, and early errors for every invalid value."""
 
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ def test_defaults_follow_the_paper(tmp_path):
     assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score) == (0.5, 1.0, "hellinger")
     assert args.beta == 0.0  # the paper drops the KL term
     assert args.dgpo_target_ess is None and args.dgpo_skip_zero_advantage is True
+    assert args.dgpo_entropy == "normalized"  # Eq. 12, the gate the paper's Sections 3.3 and 4.4 write
 
 
 def test_every_dgpo_field_is_documented():
@@ -39,6 +41,8 @@ def test_every_dgpo_field_is_documented():
         ("dgpo_kappa", -0.1, "dgpo_kappa must be a finite number >= 0"),
         ("dgpo_kappa", float("nan"), "dgpo_kappa must be a finite number >= 0"),
         ("dgpo_score", "kl", r"dgpo_score must be one of \['hellinger', 'reverse_kl', 'uniform'\]"),
+        ("dgpo_entropy", "bits", r"dgpo_entropy must be one of \['normalized', 'nats'\]"),
+        ("dgpo_entropy", None, r"dgpo_entropy must be one of \['normalized', 'nats'\]"),
         ("dgpo_chunk_size", 0, "dgpo_chunk_size must be an integer >= 1"),
         ("dgpo_chunk_size", 2.5, "dgpo_chunk_size must be an integer >= 1"),
         ("dgpo_target_ess", 0.0, r"dgpo_target_ess must be None or a number in \(0, 1\)"),
@@ -61,9 +65,11 @@ def test_sequence_level_importance_sampling_that_cancels_the_weights_is_rejected
 
 
 def test_beta_above_zero_warns_but_works(tmp_path):
-    with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty"):
+    with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty") as record:
         args = DGPOConfig(**cpu_args(tmp_path, beta=0.04))
     assert args.beta == 0.04
+    # The warning points at the user's line (this file), not at DGPO's code or the dataclass __init__
+    assert [w.filename for w in record if "KL penalty" in str(w.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         DGPOConfig(**cpu_args(tmp_path, beta=0.04, dgpo_score="uniform"))
@@ -76,14 +82,58 @@ def test_a_plain_grpo_config_gets_dgpo_defaults_and_checks(tmp_path):
         validate_dgpo_arguments(GRPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence")))
 
 
+def test_warning_from_a_plain_grpo_config_points_at_the_trainer_call(tiny_model_path, tmp_path):
+    from dgpo_trl import DGPOTrainer
+    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+
+    args = GRPOConfig(**cpu_args(tmp_path, beta=0.04))
+    with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty") as record:
+        DGPOTrainer(tiny_model_path, exact_match_reward, args=args, train_dataset=reversal_dataset(8))
+    assert {w.filename for w in record if "KL penalty" in str(w.message)} == {__file__}
+
+
 def test_cli_parses_dgpo_fields(tmp_path):
     parser = TrlParser(DGPOConfig)
     (args,) = parser.parse_args_and_config(
         [
             "--output_dir", str(tmp_path), "--bf16", "false", "--dgpo_tau", "0.7", "--dgpo_kappa", "0",
-            "--dgpo_score", "reverse_kl", "--dgpo_target_ess", "0.8",
+            "--dgpo_score", "reverse_kl", "--dgpo_target_ess", "0.8", "--dgpo_entropy", "nats",
         ]
     )
     assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score, args.dgpo_target_ess) == (0.7, 0.0, "reverse_kl", 0.8)
+    assert args.dgpo_entropy == "nats"
     with pytest.raises(SystemExit):  # argparse rejects an unknown score before the dataclass is built
         parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dgpo_score", "forward_kl"])
+
+
+def _import_with_trl_version(tmp_path, trl_version):
+    """`import dgpo_trl` in a fresh interpreter that sees `trl` at `trl_version` (a metadata-only distribution
+    placed before the real one on sys.path)."""
+    import subprocess
+    import sys
+
+    dist_info = tmp_path / f"trl-{trl_version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: trl\nVersion: {trl_version}\n")
+    code = "import importlib.metadata as m, dgpo_trl; print(m.version('trl'))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("trl_version", ["1.17.0", "1.15.2", "2.0.0.dev0"])
+def test_importing_with_another_trl_release_fails_clearly(tmp_path, trl_version):
+    result = _import_with_trl_version(tmp_path, trl_version)
+    assert result.returncode != 0
+    assert "dgpo-trl supports trl 1.16.x" in result.stderr and f"trl {trl_version} is installed" in result.stderr
+    assert 'pip install "trl>=1.16.0,<1.17"' in result.stderr
+
+
+def test_the_supported_trl_release_matches_the_package_metadata(tmp_path):
+    from pathlib import Path
+
+    import dgpo_trl
+
+    assert f'"{dgpo_trl.TRL_REQUIREMENT}"' in (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    result = _import_with_trl_version(tmp_path, "1.16.3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1.16.3"  # the stand-in was the distribution checked

@@ -17,7 +17,9 @@ The tests check the dumps from this single process:
 - adaptive tau (`dgpo_target_ess`) is the same on both ranks and reaches the target over both ranks' completions;
 - the scoring-time path runs one policy and one reference forward per row chunk;
 - LoRA: no reference model is loaded; the reference is the adapter-disabled base;
-- DDP, ZeRO-2 and ZeRO-3 compute the same weights and the same training updates from the same seeds.
+- DDP, ZeRO-2 and ZeRO-3 compute the same weights and the same training updates from the same seeds;
+- other architectures (`ARCHITECTURE_LAUNCHES`: the tied-embedding Qwen2 under ZeRO-3, one more launch of ~50 s) pass
+  the same weight recomputation, on their own tiny model.
 
 Cost: one launch per backend (~15-50 s each on 2 shared cores), plus DeepSpeed's one-time JIT compile of
 `deepspeed_shm_comm` (~90-120 s cold), cached in $TORCH_EXTENSIONS_DIR (`make test` sets it to
@@ -60,7 +62,13 @@ LOGP_ATOL = 1e-4
 LAUNCHES = {
     "ddp": ("cpu_ddp.yaml", "lora,full,scoring", {"ACCELERATE_USE_CPU": "true"}),
     "zero2": ("cpu_zero2.yaml", "full", {}),
-    "zero3": ("cpu_zero3.yaml", "lora,full,scoring", {}),
+    "zero3": ("cpu_zero3.yaml", "lora,full,scoring,in_memory", {}),
+}
+# Other architectures (`dgpo_trl.tiny.ARCHITECTURES`), each launched once on its own tiny model and checked by
+# `test_architecture_on_two_ranks`: name -> (architecture, config, runs, extra environment)
+ARCHITECTURE_LAUNCHES = {
+    # Tied embeddings under ZeRO-3: the LM head DGPO gathers for its divergence pass is the partitioned input embedding
+    "zero3_qwen2": ("qwen2", "cpu_zero3.yaml", "full,scoring", {}),
 }
 
 
@@ -78,7 +86,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _launch(name: str, model: str, out: Path) -> dict:
-    config, runs, extra_env = LAUNCHES[name]
+    config, runs, extra_env = LAUNCHES[name] if name in LAUNCHES else ARCHITECTURE_LAUNCHES[name][1:]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **extra_env)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     cmd = [
@@ -88,6 +96,8 @@ def _launch(name: str, model: str, out: Path) -> dict:
         str(WORKER), "--model", model, "--out", str(out), "--runs", runs,
         "--steps", str(STEPS), "--starve-rank", str(STARVE_RANK), "--starve-step", str(STARVE_STEP),
     ]  # fmt: skip
+    if name in ARCHITECTURE_LAUNCHES:
+        cmd.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor would pick Qwen2Tokenizer for Qwen2)
     start = time.perf_counter()
     # Own process group, so a hung launch (deadlocked ranks) is killed as a whole at the timeout
     proc = subprocess.Popen(
@@ -138,7 +148,8 @@ def launched(tiny_model, tmp_path_factory):
     _launched.clear()
 
 
-RUNS = [(backend, run) for backend, (_, runs, _) in LAUNCHES.items() for run in runs.split(",")]
+# The runs of a model loaded from the checkpoint the tests recompute against ("in_memory" has its own test)
+RUNS = [(backend, run) for backend, (_, runs, _) in LAUNCHES.items() for run in runs.split(",") if run != "in_memory"]
 RUN_IDS = [f"{backend}-{run}" for backend, run in RUNS]
 
 
@@ -178,8 +189,10 @@ def _naive_statistics(policy, reference, record, temperature):
     return hellinger, entropy, label_logps
 
 
-def _check_weights(model_dir, result_pair, peft):
-    """Recomputes every recorded weight (both ranks) and returns (#tokens compared, their weights' std)."""
+def _check_weights(model_dir, result_pair, peft, reference_state=None):
+    """Recomputes every recorded weight (both ranks) and returns (#tokens compared, their weights' std).
+
+    pi_ref is the checkpoint in `model_dir`, or that architecture with `reference_state`'s parameters."""
     from transformers import AutoModelForCausalLM
 
     from dgpo_trl.functional import token_weights
@@ -187,6 +200,8 @@ def _check_weights(model_dir, result_pair, peft):
     settings = result_pair[0]["settings"]
     states = result_pair[0]["states"]
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if reference_state is not None:
+        reference = _policy_at(model_dir, reference_state, peft=False)
     vocab = reference.config.vocab_size
     policies = {}
     compared, all_weights = 0, []
@@ -214,6 +229,11 @@ def _check_weights(model_dir, result_pair, peft):
                 torch.testing.assert_close(
                     record["old_per_token_logps"][mask], label_logps[mask].float(), atol=LOGP_ATOL, rtol=0,
                     msg=lambda m: f"{where} old log-probs: {m}",
+                )  # fmt: skip
+                # ... and they are TRL's own, which its fused LM head would have computed (fp32, same parameters)
+                torch.testing.assert_close(
+                    record["old_per_token_logps"][mask], record["trl_old_per_token_logps"][mask], atol=1e-5, rtol=0,
+                    msg=lambda m: f"{where} old log-probs vs TRL's: {m}",
                 )  # fmt: skip
             compared += int(mask.sum())
             all_weights.append(record["weights"][mask])
@@ -366,6 +386,30 @@ def test_zero3_scoring_time_path(launched):
 
 
 @slow
+def test_zero3_reference_of_a_model_changed_in_memory_is_a_copy_of_it(launched, tiny_model):
+    """A model loaded after the config (so ZeRO-3's zero.Init partitions it), noised in memory, and passed as an
+    object: its reference is a sharded copy of it, not the checkpoint its config names."""
+    from transformers import AutoModelForCausalLM
+
+    rank0, rank1 = launched("zero3")["in_memory"]
+    disk = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    for result in (rank0, rank1):
+        assert result["in_memory"]["partitioned"]  # the zero.Init path of the copy, not a deepcopy
+        passed, reference = result["in_memory"]["passed"], result["in_memory"]["reference"]
+        assert passed.keys() == reference.keys()
+        assert all(torch.equal(reference[name], passed[name]) for name in passed)
+        assert all(not torch.equal(passed[name], disk[name]) for name in passed)
+        # The passed model plus one copy: nothing else loaded (the disk reload gave a third)
+        assert result["causal_lms_after"] - result["causal_lms_before"] == 2
+    scored = [h for h in rank0["log_history"] if "dgpo/divergence/max" in h]
+    # Step 1: pi_theta == pi_ref exactly (reloading the path gave d ~ 0.03 with this noise); then the policy moves
+    assert scored[0]["dgpo/divergence/max"] == 0.0 and scored[0]["dgpo/weight/std"] == 0.0
+    assert scored[-1]["dgpo/divergence/max"] > 0.0
+    compared, spread = _check_weights(tiny_model, (rank0, rank1), peft=False, reference_state=rank0["states"][0])
+    assert compared > 100 and spread > 0.02
+
+
+@slow
 @pytest.mark.parametrize("backend", ["ddp", "zero3"])
 def test_lora_reference_is_the_adapter_disabled_policy(launched, backend):
     for result in launched(backend)["lora"]:
@@ -423,6 +467,50 @@ def test_weights_identical_whichever_backend(launched, run):
                     continue
                 relative = ((update - reference_update).norm() / reference_update.norm()).item()
                 assert relative < 1e-2, (backend, name, relative)
+
+
+@slow
+@pytest.mark.parametrize("name", list(ARCHITECTURE_LAUNCHES))
+def test_architecture_on_two_ranks(tmp_path_factory, name):
+    """A non-Llama tiny model on 2 ranks: the backend, equal trained parameters on both ranks, the starved rank at
+    loss time, and every token weight (and at scoring time TRL's old log-probs) against the single-process float64
+    recomputation, as `test_weights_match_single_process_recomputation` checks Llama."""
+    from transformers import AutoModelForCausalLM
+
+    from dgpo_trl.tiny import build_tiny_model
+
+    architecture, config, runs, _ = ARCHITECTURE_LAUNCHES[name]
+    model_dir = build_tiny_model(
+        tmp_path_factory.mktemp(name) / "tiny", hidden_size=64, num_layers=2, num_heads=4, architecture=architecture
+    )
+    disk = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert disk.config.model_type == architecture
+    tied = disk.get_output_embeddings().weight is disk.get_input_embeddings().weight
+    assert tied == disk.config.tie_word_embeddings
+    results = _launch(name, model_dir, tmp_path_factory.mktemp(f"{name}_out"))
+    backend = {"cpu_zero3.yaml": ("DEEPSPEED", 3), "cpu_zero2.yaml": ("DEEPSPEED", 2)}.get(config)
+    disk_state = disk.state_dict()
+    for run, pair in results.items():
+        assert [r["rank"] for r in pair] == [0, 1]
+        for r in pair:
+            assert r["world_size"] == 2 and (r["distributed_type"], r["zero_stage"]) == backend, (run, r["rank"])
+            assert not r["ref_model_is_none"]
+        rank0, rank1 = pair
+        for param, value in rank0["final_params"].items():
+            assert torch.equal(value, rank1["final_params"][param]), f"{run}: {param} differs between ranks"
+        initial = rank0["states"][0]  # gathered under ZeRO-3: the checkpoint on disk
+        assert all(torch.equal(value, disk_state[param]) for param, value in initial.items()), run
+        assert all(not torch.equal(initial[n], rank0["final_params"][n]) for n in initial), f"{run}: not trained"
+        if run == "full":  # the rank with nothing to score at STARVE_STEP still ran its collectives
+            starved = [r for r in rank1["records"] if r["step"] == STARVE_STEP]
+            assert len(starved) == 1 and len(starved[0]["rows"]) == 0
+        else:
+            assert {r["path"] for result in pair for r in result["records"]} == {"scoring"}
+        for result in pair:
+            assert any(len(r["rows"]) and r["step"] > 0 for r in result["records"]), (run, result["rank"])
+        compared, spread = _check_weights(model_dir, pair, peft=False)
+        assert compared > 100, (run, compared)
+        assert spread > 0.02, (run, spread)
 
 
 EXPECTED_CONFIGS = {

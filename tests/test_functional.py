@@ -10,6 +10,7 @@ import torch
 from dgpo_trl.functional import (
     effective_sample_size,
     nonfinite_sequences,
+    sequence_moments,
     tau_for_target_ess,
     token_divergence_and_entropy,
     token_scores,
@@ -162,6 +163,69 @@ def test_kappa_zero_ignores_entropy_and_kappa_gates_it():
     s = token_scores(divergence, entropy, kappa=1.0, vocab_size=50)
     assert (s[:, 2] == 0).all()
     torch.testing.assert_close(s[:, 0], divergence[:, 0])
+
+
+@pytest.mark.parametrize("entropy_gate", ["normalized", "nats"])
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 1.0, 2.0])
+def test_both_entropy_gates_match_a_float64_recomputation(entropy_gate, kappa):
+    # Eq. 12: s = d * (H / log V) ** kappa; Eq. 3: s = d * H ** kappa (H in nats)
+    hp, wp, hq, wq, labels, _ = random_heads(n=60, seed=4, vocab=97, shift=1.0)
+    stats = token_statistics(hp, wp, hq, wq, labels, temperature=0.9, chunk_size=32)
+    ref = token_statistics_reference(hp.double(), wp.double(), hq.double(), wq.double(), labels, temperature=0.9)
+    divergence, entropy = stats.hellinger.view(5, -1), stats.entropy.view(5, -1)
+    p = torch.log_softmax((hp.double() @ wp.double().t()) / 0.9, dim=-1)
+    entropy64 = -(p.exp() * p).sum(-1).view(5, -1)  # written out again, not taken from the reference's fields
+    gate = entropy64 / math.log(97) if entropy_gate == "normalized" else entropy64
+    expected_scores = ref.hellinger.double().view(5, -1) * gate**kappa
+    mask = torch.ones(5, divergence.size(1), dtype=torch.bool)
+    mask[2, 4:] = False
+    got_scores = token_scores(divergence, entropy, kappa=kappa, vocab_size=97, entropy_gate=entropy_gate)
+    torch.testing.assert_close(got_scores.double(), expected_scores, atol=1e-5, rtol=1e-4)
+    got = token_weights(divergence, entropy, mask, tau=0.05, kappa=kappa, vocab_size=97, entropy_gate=entropy_gate)
+    logits = (expected_scores / 0.05).masked_fill(~mask, -math.inf)
+    expected = mask.sum(-1, keepdim=True) * torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
+    assert expected.std() > 0.05  # the weights are not trivially uniform
+
+
+def test_the_nats_gate_is_the_normalized_gate_at_a_rescaled_tau():
+    g = torch.Generator().manual_seed(5)
+    divergence, entropy = torch.rand(4, 9, generator=g) * 0.2, torch.rand(4, 9, generator=g) * math.log(1000)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    kw = dict(kappa=1.5, vocab_size=1000)
+    nats = token_weights(divergence, entropy, mask, tau=0.5, entropy_gate="nats", **kw)
+    normalized = token_weights(divergence, entropy, mask, tau=0.5 / math.log(1000) ** 1.5, **kw)
+    torch.testing.assert_close(nats, normalized, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(nats, token_weights(divergence, entropy, mask, tau=0.5, **kw), atol=1e-3)
+    with pytest.raises(ValueError, match=r"entropy_gate must be one of \['normalized', 'nats'\]"):
+        token_scores(divergence, entropy, entropy_gate="bits", **kw)
+
+
+@pytest.mark.parametrize("spread", [1e-6, 1e-5, 5.7e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+def test_spread_statistics_resolve_weights_near_one(spread):
+    # Weights as DGPO makes them (mean exactly 1 per sequence), spread from 1e-6 to 1e-1: the moments and the ESS
+    # must match float64 where E[w^2] - E[w]^2 in float32 cancels (a true std of 5.7e-5 read as 0)
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    mask = torch.ones(8, 64, dtype=torch.bool)
+    mask[3, 40:] = False
+    tau = scores.std().item() / spread  # w ~ 1 + (s - mean s) / tau: std ~ spread
+    weights = weights_from_scores(scores, mask, tau)
+    assert weights.dtype == torch.float64
+    w = torch.where(mask, weights, 0.0)
+    lengths = mask.sum(-1)
+    true_var = torch.stack([w[i, : lengths[i]].var(unbiased=False) for i in range(8)])
+    assert true_var.sqrt().mean().item() == pytest.approx(spread, rel=0.5)
+    mean, variance = sequence_moments(weights, mask)
+    torch.testing.assert_close(mean, torch.ones(8, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(variance, true_var, rtol=1e-6, atol=0)
+    ess = effective_sample_size(weights, mask)
+    true_ess = w.sum(-1).square() / (lengths * w.square().sum(-1))
+    torch.testing.assert_close(ess, 1 / (1 + true_var), rtol=0, atol=1e-15)
+    assert (ess < 1).all() and ((true_ess - ess).abs() < 1e-12).all()
+    # float32 weights (what training uses): still resolved to about 1% at spread 1e-6
+    _, variance32 = sequence_moments(weights.float(), mask)
+    torch.testing.assert_close(variance32.sqrt(), true_var.sqrt(), rtol=2e-2, atol=0)
 
 
 def test_large_tau_gives_uniform_weights_small_tau_concentrates():

@@ -205,6 +205,20 @@ def test_fused_kernel_half_precision_llm_sizes_cuda(dtype):
         torch.testing.assert_close(f, w, atol=3e-4, rtol=1e-4, msg=field)
 
 
+def test_the_kernel_package_is_a_leaf():
+    # dgpo_trl.functional imports the kernels; the kernels import nothing of dgpo_trl, so no import cycle can form
+    import ast
+
+    package = Path(divergence.__file__).parent
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and not (node.module or "").startswith("dgpo_trl"), (source.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("dgpo_trl") for alias in node.names), source.name
+    assert divergence.FIELDS == TokenStatistics._fields  # the tuple the kernel returns is TokenStatistics' order
+
+
 if __name__ == "__main__":
     if "--interpreter" in sys.argv:
         assert divergence.INTERPRETER, "run with TRITON_INTERPRET=1"

@@ -171,15 +171,26 @@ def test_weights_are_computed_once_and_stay_fixed_across_iterations(warm_model_p
             assert len(weighted) == len(uses) // 2  # once per generation batch (2 micro-batches each)
 
 
-def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model_path, reversal_train_dataset, tmp_path):
+@pytest.mark.parametrize("entropy_gate", ["normalized", "nats"])
+def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model_path, reversal_train_dataset, tmp_path,
+                                                                      monkeypatch, entropy_gate):
+    import trl.trainer.utils
+
     trainer = DGPOTrainer(
         warm_model_path, exact_match_reward,
-        args=DGPOConfig(**cpu_args(tmp_path, steps_per_generation=2, beta=0.04, max_steps=1)),
+        args=DGPOConfig(**cpu_args(tmp_path, steps_per_generation=2, beta=0.04, max_steps=1, dgpo_entropy=entropy_gate)),
         train_dataset=reversal_train_dataset,
     )
     trainer.train()  # one step moves the policy away from the reference
     batch = [reversal_train_dataset[i // 8] for i in range(32)]
+    # TRL's fused LM head is never run while scoring: DGPO's pass projects each model's LM head once and gives TRL
+    # its old log-probs
+    projections = []
+    fused = trl.trainer.utils._ChunkedLogProbFunction
+    monkeypatch.setattr(fused, "apply", lambda *args, apply=fused.apply: projections.append(1) or apply(*args))
     output = trainer._generate_and_score_completions(batch)
+    assert projections == []
+    monkeypatch.undo()
     ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
     attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
     width = output["completion_ids"].size(1)
@@ -202,7 +213,7 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
         temperature=trainer.temperature,
     )
     w = token_weights(naive.hellinger.view(mask.shape), naive.entropy.view(mask.shape), mask, tau=0.5, kappa=1.0,
-                      vocab_size=policy.config.vocab_size)
+                      vocab_size=policy.config.vocab_size, entropy_gate=entropy_gate)
     informative = output["advantages"].abs().sum(-1) > 0
     sequence_advantage = output["advantages"].sum(-1) / mask.sum(-1)  # mean weight 1 recovers A_i
     expected = sequence_advantage.unsqueeze(1) * w
@@ -223,12 +234,17 @@ def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_da
                 dgpo_score="reverse_kl", max_steps=2)
     # the score is the exact reverse KL, which the Hellinger run logs only for monitoring
     assert history(rkl, "dgpo/divergence/mean")[1] == history(rkl, "dgpo/reverse_kl/mean")[1] > 0
-    adaptive = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "ess",
-                     dgpo_target_ess=0.7, max_steps=3)
-    taus = history(adaptive, "dgpo/tau")
-    assert taus[0] == 0.5  # step 1: flat scores (d = 0), no tau reaches the target: the fixed tau is used
-    assert all(math.isfinite(t) and t > 0 for t in taus) and taus[-1] != 0.5
-    assert history(adaptive, "dgpo/ess")[-1] == pytest.approx(0.7, abs=0.05)
+    taus_by_gate = {}
+    for gate in ("normalized", "nats"):
+        adaptive = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / gate,
+                         dgpo_target_ess=0.7, max_steps=3, dgpo_entropy=gate)
+        taus = taus_by_gate[gate] = history(adaptive, "dgpo/tau")
+        assert taus[0] == 0.5  # step 1: flat scores (d = 0), no tau reaches the target: the fixed tau is used
+        assert all(math.isfinite(t) and t > 0 for t in taus) and taus[-1] != 0.5
+        assert history(adaptive, "dgpo/ess")[-1] == pytest.approx(0.7, abs=0.05)
+    # Same target, scores (log V) times larger in nats (kappa = 1): tau follows, up to the batch's own numerics
+    ratio = taus_by_gate["nats"][-1] / taus_by_gate["normalized"][-1]
+    assert ratio == pytest.approx(math.log(adaptive._vocab_size), rel=0.1)
 
 
 def test_eval_dataset_is_scored_with_dgpo(warm_model_path, reversal_train_dataset, tmp_path):
@@ -300,17 +316,160 @@ def test_tool_tokens_get_no_weight_and_do_not_count(warm_model_path, reversal_tr
     assert torch.isfinite(per_token).all()
 
 
-def test_an_in_memory_model_without_a_path_gets_a_clear_error(reversal_train_dataset, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _in_memory_model(path, kind):
+    """A model object that differs from what its config's path holds, as a user's SFT or merge before RL leaves it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dgpo_trl.tiny import build_tokenizer
+    if kind == "noised":
+        model = AutoModelForCausalLM.from_pretrained(path)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        return model
+    torch.manual_seed(2)  # "fresh": a random model built from the saved config, which still names the path
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
 
-    tokenizer = build_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    with pytest.raises(ValueError, match="config._name_or_path"):
-        DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
-                    train_dataset=reversal_train_dataset, processing_class=tokenizer)
+
+@pytest.mark.filterwarnings("ignore:beta=0.04 adds TRL's KL penalty")
+@pytest.mark.parametrize(("kind", "beta"), [("noised", 0.0), ("fresh", 0.0), ("noised", 0.04)])
+def test_the_reference_of_a_model_passed_as_an_object_is_a_copy_of_it(warm_model_path, reversal_train_dataset,
+                                                                       tmp_path, kind, beta):
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model = _in_memory_model(warm_model_path, kind)
+    passed = {name: param.detach().clone() for name, param in model.named_parameters()}
+    trainer = DGPOTrainer(
+        model, exact_match_reward, train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, max_steps=1, beta=beta, dgpo_skip_zero_advantage=False)),
+        processing_class=PreTrainedTokenizerFast.from_pretrained(warm_model_path),
+    )
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert reference is not trainer.accelerator.unwrap_model(trainer.model)
+    assert all(torch.equal(param, passed[name]) for name, param in reference.named_parameters())
+    gc.collect()
+    assert sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()) == 2  # the policy and one copy
+    trainer.train()
+    # Step 1: pi_theta == pi_ref exactly, so d = 0 and the weights are uniform (reloading the path gave d ~ 0.006-0.03)
+    assert history(trainer, "dgpo/divergence/max") == [0.0]
+    assert history(trainer, "dgpo/weight/std") == [0.0]
+    if beta:
+        assert history(trainer, "kl")[0] < 1e-9  # TRL's KL term uses DGPO's reference too
+
+
+def test_a_model_that_cannot_be_copied_gets_a_clear_error(tiny_model_path, reversal_train_dataset, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_path)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_path))
+    quantized = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    quantized.is_loaded_in_4bit = True  # what bitsandbytes sets on a 4-bit model
+    for model, message in [(meta, "meta device"), (quantized, "quantized model cannot be copied.*peft_config")]:
+        with pytest.raises(ValueError, match=message):
+            DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                        train_dataset=reversal_train_dataset, processing_class=tokenizer)
+
+
+def test_a_dataset_without_a_prompt_column_fails_at_construction(tiny_model_path, tmp_path):
+    from datasets import Dataset
+
+    questions = Dataset.from_dict({"question": ["r12>"] * 4, "answer": ["21"] * 4})
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column.*\['question', 'answer'\]"):
+        DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                    train_dataset=questions)
+    prompts = questions.rename_column("question", "prompt")
+    with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\] has no 'prompt' column"):
+        DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                    train_dataset=prompts, eval_dataset={"held_out": questions})
+
+
+def _weights_with_spread(spread, rows=6, length=24, seed=0):
+    """TokenStatistics whose kappa = 0 scores give token weights of about `spread` std at tau = 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows, length, generator=g)
+    divergence = 0.2 + spread * 0.5 * noise / noise.std()
+    zeros = torch.zeros(rows, length)
+    return TokenStatistics(zeros, zeros, divergence, divergence, torch.rand(rows, length, generator=g))
+
+
+@pytest.mark.parametrize("spread", [1e-6, 1e-5, 5.7e-5, 1.7e-4, 1e-3, 1e-2, 1e-1])
+def test_logged_weight_spread_matches_float64(tiny_model_path, reversal_train_dataset, tmp_path, spread):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
+    stats = _weights_with_spread(spread)
+    mask = torch.ones(stats.hellinger.shape, dtype=torch.long)
+    mask[2, 15:] = 0
+    inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
+              "advantages": torch.linspace(-1, 1, len(mask))}
+    trainer.model.train()
+    trainer._apply_token_weights(inputs, stats, torch.arange(len(mask)))
+    logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    # float64 from the same scores: w = T softmax(d / tau) over each sequence's tokens
+    valid = mask.bool()
+    w = torch.where(valid, stats.hellinger.double() / 0.5, -math.inf).softmax(-1) * valid.sum(-1, keepdim=True)
+    w = torch.where(valid, w, 0.0)
+    std = torch.where(valid, w - 1, 0.0).square().sum().div(valid.sum()).sqrt().item()
+    ess = (w.sum(-1).square() / (valid.sum(-1) * w.square().sum(-1))).mean().item()
+    assert std == pytest.approx(spread, rel=0.2)
+    assert logged["dgpo/weight/std"] == pytest.approx(std, rel=1e-6)
+    assert logged["dgpo/ess"] == pytest.approx(ess, rel=0, abs=1e-12) and logged["dgpo/ess"] < 1.0
+    score = torch.where(valid, stats.hellinger.double(), 0.0)
+    centred = torch.where(valid, score - score.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True), 0.0)
+    assert logged["dgpo/score/std"] == pytest.approx(centred.square().sum().div(valid.sum()).sqrt().item(), rel=1e-5)
+
+
+def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.01)))
+    stats = _weights_with_spread(0.05, rows=3)
+    mask = torch.ones(3, 24, dtype=torch.long)
+    scored = {"completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
+              "advantages": torch.tensor([1.0, -1.0, 0.5])}
+    trainer._apply_token_weights(scored, stats, torch.arange(3))
+    kept = trainer.last_token_weights
+    assert kept["weights"].shape == (3, 24) and kept["weights"].std() > 0
+    # a batch whose completions all have A_i = 0 scores nothing: the heatmap data of the last scored batch stays
+    unscored = {"completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
+                "advantages": torch.zeros(3)}
+    empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
+    trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
+    assert trainer.last_token_weights is kept
+
+
+def _module_kernels(model):
+    """Each submodule's class and the function its forward runs (Liger patches instances' forwards)."""
+    return {name: (type(module).__name__, getattr(module.forward, "__func__", module.forward).__qualname__)
+            for name, module in model.named_modules()}
+
+
+def test_liger_kernels_reach_the_reference(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch):
+    pytest.importorskip("liger_kernel")
+    from transformers import TrainerCallback
+    from transformers.models.llama import modeling_llama
+
+    # Liger also patches modeling_llama's functions and classes for the whole process: undo that after the test
+    for name, value in list(vars(modeling_llama).items()):
+        monkeypatch.setattr(modeling_llama, name, value)
+    monkeypatch.setattr(modeling_llama.LlamaForCausalLM, "forward", modeling_llama.LlamaForCausalLM.forward)
+
+    class StopBeforeTheFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt  # Liger's kernels need a GPU: look at the patching only
+
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, use_liger_kernel=True)))
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    before = _module_kernels(reference)
+    assert before == _module_kernels(policy)
+    trainer.add_callback(StopBeforeTheFirstStep())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    patched = _module_kernels(policy)
+    assert patched != before  # transformers applied Liger's kernels to the policy
+    assert any("Liger" in forward for _, forward in patched.values())
+    assert _module_kernels(reference) == patched
 
 
 def test_sync_ref_model_works_without_kl(warm_model_path, reversal_train_dataset, tmp_path):

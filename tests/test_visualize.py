@@ -17,8 +17,80 @@ from dgpo_trl.visualize import (
 )
 
 
-def alphas(page: str) -> list[float]:
-    return [float(a) for a in re.findall(r"rgba\(214,39,40,([0-9.]+)\)\" title", page)]
+def css_colours(page: str) -> dict[str, tuple[float, float, float]]:
+    """Each token's background colour in the page, by its text, as RGB over white (rgba is composited)."""
+    colours = {}
+    pattern = r'background-color: rgba?\(([0-9., ]+)\)[^"]*" title="[^"]*">([^<]*)</span>'
+    for channels, token in re.findall(pattern, page):
+        values = [float(v) for v in channels.split(",")]
+        alpha = values[3] if len(values) == 4 else 1.0
+        colours[token] = tuple(alpha * c + (1 - alpha) * 255 for c in values[:3])
+    return colours
+
+
+def png_colours(completions, **kwargs) -> dict[str, tuple[float, float, float]]:
+    """Renders the PNG and samples the background of each token's box from its pixels (the commonest colour inside
+    the token's text box; tokens must be distinct)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    fig = heatmap_png(completions, **kwargs)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi)  # what heatmap_png(path=...) writes
+    pixels = np.asarray(Image.open(buffer).convert("RGB"))
+    tokens = {token for completion in completions for token in completion.tokens}
+    colours = {}
+    for text in fig.axes[0].texts:
+        if text.get_text() not in tokens:
+            continue
+        box = text.get_window_extent()
+        top, bottom = pixels.shape[0] - int(box.y1) + 2, pixels.shape[0] - int(box.y0) - 2
+        region = pixels[top:bottom, int(box.x0) + 2 : int(box.x1) - 2].reshape(-1, 3)
+        values, counts = np.unique(region, axis=0, return_counts=True)
+        colours[text.get_text()] = tuple(float(c) for c in values[counts.argmax()])
+    plt.close(fig)
+    assert set(colours) == tokens
+    return colours
+
+
+def distance(a, b) -> float:
+    return sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5
+
+
+def is_blue(rgb) -> bool:
+    return rgb[2] - rgb[0] > 10
+
+
+def is_red(rgb) -> bool:
+    return rgb[0] - rgb[2] > 10
+
+
+def is_white(rgb) -> bool:
+    return min(rgb) >= 250
+
+
+def signed_strength(rgb) -> float:
+    """How far a colour is from white in perceived lightness (100 - CIE L*), positive for red and negative for blue:
+    it grows with w on a diverging scale."""
+
+    def linear(c):
+        c = c / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    luminance = 0.2126 * linear(rgb[0]) + 0.7152 * linear(rgb[1]) + 0.0722 * linear(rgb[2])
+    lightness = 116 * luminance ** (1 / 3) - 16 if luminance > 0.008856 else 903.3 * luminance
+    return (100 - lightness) * (1 if rgb[0] >= rgb[2] else -1)
+
+
+# The paper's settings (tau = 0.5): a near-uniform completion, mean 1, weights 0.99 ... 1.02
+NEAR_UNIFORM = HeatmapCompletion(["low_", "mean", "high", "pad1", "pad2"], [0.99, 1.0, 1.02, 0.995, 0.995])
+# A concentrated one: most tokens below 1, a few carry the credit
+CONCENTRATED = HeatmapCompletion(
+    ["t01", "t03", "t07", "t10", "t15", "t30", "t80"], [0.1, 0.3, 0.7, 1.0, 1.5, 3.0, 8.0]
+)
 
 
 def test_html_escapes_untrusted_completion_text():
@@ -32,18 +104,92 @@ def test_html_escapes_untrusted_completion_text():
     assert "&amp;amp;" in page  # already-escaped-looking text is escaped again, shown literally
 
 
-def test_background_intensity_follows_the_weights():
-    completion = HeatmapCompletion(["a", "b", "c", "d"], [0.0, 0.5, 1.0, 2.5])
-    assert alphas(heatmap_html(completion)) == pytest.approx([0.0, 0.16, 0.32, 0.8])  # w / max(w), 0.8 at the top
-    assert alphas(heatmap_html(completion, vmax=1.0)) == pytest.approx([0.0, 0.4, 0.8, 0.8])  # clipped at vmax
-    # Several completions share one scale
-    page = heatmap_html([completion, HeatmapCompletion(["e"], [5.0])])
-    assert alphas(page) == pytest.approx([0.0, 0.08, 0.16, 0.4, 0.8])
-    assert 'title="w = 2.500"' in page
+def test_near_uniform_weights_get_visibly_different_colours_in_html():
+    page = heatmap_html(NEAR_UNIFORM)
+    colours = css_colours(page)
+    low, mean, high = colours["low_"], colours["mean"], colours["high"]
+    assert is_blue(low) and is_red(high)  # below the mean one hue, above it another
+    assert distance(low, high) > 150 and distance(low, mean) > 60 and distance(high, mean) > 60
+    assert is_white(mean)
+
+
+def test_near_uniform_weights_get_visibly_different_colours_in_png():
+    colours = png_colours([NEAR_UNIFORM])
+    low, mean, high = colours["low_"], colours["mean"], colours["high"]
+    assert is_blue(low) and is_red(high)
+    assert distance(low, high) > 150 and distance(low, mean) > 60 and distance(high, mean) > 60
+    assert is_white(mean)
+
+
+@pytest.mark.parametrize("render", ["html", "png"])
+def test_concentrated_weights_keep_their_order(render):
+    colours = css_colours(heatmap_html(CONCENTRATED)) if render == "html" else png_colours([CONCENTRATED])
+    strengths = [signed_strength(colours[token]) for token in CONCENTRATED.tokens]
+    assert strengths == sorted(strengths) and len(set(strengths)) == len(strengths)  # strictly monotone in w
+    assert all(is_blue(colours[t]) for t in ("t01", "t03", "t07")) and is_white(colours["t10"])
+    assert all(is_red(colours[t]) for t in ("t15", "t30", "t80"))
+
+
+def test_text_on_strong_colours_turns_white():
+    page = heatmap_html(CONCENTRATED)
+    strong = re.search(r'style="([^"]*)" title="[^"]*">t01<', page).group(1)
+    faint = re.search(r'style="([^"]*)" title="[^"]*">t10<', page).group(1)
+    assert "color: #fff" in strong and "color:" not in faint.replace("background-color", "")
+
+
+def test_uniform_weights_render_white_and_the_legend_says_so():
+    tokens = ["a", "b", "c", "d"]
+    for weights in ([1.0] * 4, [1.0, 1.0 + 1e-7, 1.0 - 2e-7, 1.0]):  # exactly uniform, and float noise
+        page = heatmap_html(HeatmapCompletion(tokens, weights))
+        assert all(rgb == (255, 255, 255) for rgb in css_colours(page).values())
+        assert "uniform weights" in legend(page)
+        colours = png_colours([HeatmapCompletion(tokens, weights)])
+        assert all(rgb == (255, 255, 255) for rgb in colours.values())
+    # Not uniform: no such claim
+    assert "uniform" not in legend(heatmap_html(NEAR_UNIFORM))
+
+
+def legend(page: str) -> str:
+    return re.search(r'<div class="dgpo-legend">([^\n]*)', page).group(1)
+
+
+def test_legend_gives_the_scale_and_the_observed_weights():
+    text = legend(heatmap_html(NEAR_UNIFORM))
+    # The colour bar's ends (symmetric in log w: 1/1.02 = 0.980), its middle, and the observed extremes
+    assert re.search(r">0\.980<.*>1<.*>1\.020<", text)
+    assert "min 0.990" in text and "max 1.020" in text
+    text = legend(heatmap_html(CONCENTRATED))
+    assert re.search(r">0\.10<.*>1<.*>10\.00<", text) and "min 0.10" in text and "max 8.00" in text
+    fig = heatmap_png([NEAR_UNIFORM])
+    shown = [t.get_text() for t in fig.axes[0].texts]
+    assert {"0.980", "1", "1.020"} <= set(shown) and any("min 0.990, max 1.020" in t for t in shown)
+
+
+def test_a_fixed_vmax_shares_one_scale():
+    a = HeatmapCompletion(["a1", "a2", "a3"], [0.5, 1.0, 2.0])
+    b = HeatmapCompletion(["b1", "b2", "b3"], [0.9, 1.1, 4.0])
+    shared = css_colours(heatmap_html(a, vmax=2.0)) | css_colours(heatmap_html(b, vmax=2.0))
+    assert shared["a3"] == shared["b3"]  # 4 is clipped to the scale's red end, like 2
+    assert shared["b2"] == css_colours(heatmap_html([a, b], vmax=2.0))["b2"]  # the same as one page holding both
+    assert signed_strength(shared["a1"]) == pytest.approx(-signed_strength(shared["a3"]), abs=5)  # 0.5 and 2
+    assert ">0.50<" in legend(heatmap_html(b, vmax=2.0))
+    # Several completions on one page share one scale: a's colours change when b (up to 4) joins
+    assert css_colours(heatmap_html([a, b]))["a3"] != css_colours(heatmap_html(a))["a3"]
+    for bad in (0, 1.0, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="vmax"):
+            heatmap_html(a, vmax=bad)
+    with pytest.raises(ValueError, match="vmax"):
+        TokenWeightHeatmapCallback(trainer=None, vmax=0.5)
+
+
+def test_hover_text_and_odd_weights():
+    page = heatmap_html(HeatmapCompletion(["a", "b", "c", "d"], [0.0, 0.4, 2.5, float("nan")]))
+    assert 'title="w = 2.500"' in page and 'title="w = 0.000"' in page and 'title="w = nan"' in page
+    colours = css_colours(page)
+    assert is_blue(colours["a"]) and distance(colours["a"], colours["b"]) < 1  # w <= 0 sits at the blue end (1/2.5)
+    heatmap_png(HeatmapCompletion(["a", "b"], [0.0, float("nan")]))  # draws without error
     with pytest.raises(ValueError, match="same length"):
         HeatmapCompletion(["a"], [1.0, 2.0])
-    with pytest.raises(ValueError, match="vmax"):
-        heatmap_html(completion, vmax=0)
 
 
 def test_png_is_written_and_dollar_signs_are_literal(tmp_path):
@@ -104,6 +250,9 @@ def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_pat
     assert names == ["step_000001.html", "step_000001.png", "step_000002.html", "step_000002.png"]
     page = (tmp_path / "run" / "token_weights" / "step_000002.html").read_text()
     assert page.count('class="dgpo-completion"') == 3
+    # Step 1 scores the batch before the first update (pi_theta = pi_ref): every w = 1, drawn white and said so
+    first = (tmp_path / "run" / "token_weights" / "step_000001.html").read_text()
+    assert "uniform weights" in legend(first) and set(css_colours(first).values()) == {(255, 255, 255)}
     tables = [entry["completions"] for entry in fake_trackio.logged if "completions" in entry]
     assert len(tables) >= 2
     for table in tables[:2]:  # the two training steps

@@ -280,6 +280,10 @@ def _num_splits(row_blocks: int, vocab_blocks: int, device: torch.device) -> int
     return max(1, min(vocab_blocks, math.ceil(target / row_blocks)))
 
 
+FIELDS = ("policy_logps", "ref_logps", "hellinger", "reverse_kl", "entropy")
+"""What `fused_token_statistics` returns, in order."""
+
+
 def fused_token_statistics(
     policy_hidden: torch.Tensor,
     policy_weight: torch.Tensor,
@@ -296,14 +300,13 @@ def fused_token_statistics(
     config: KernelConfig | None = None,
     num_splits: int | None = None,
 ):
-    """[`dgpo_trl.functional.token_statistics`] with the fused Triton kernel; same arguments, same outputs.
+    """[`dgpo_trl.functional.token_statistics`] with the fused Triton kernel; same arguments.
 
     Runs on CUDA tensors, or on CPU tensors in a process started with TRITON_INTERPRET=1 (Triton's interpreter;
     slow, for tests). `config` overrides the tile shape, `num_splits` the number of vocabulary splits (both for tuning
-    and tests). Returns a `TokenStatistics`.
+    and tests). Returns the five (N,) float32 statistics named by `FIELDS`, in that order (the fields of
+    `dgpo_trl.functional.TokenStatistics`, which wraps them: this package imports nothing else of dgpo_trl).
     """
-    from ..functional import TokenStatistics  # functional imports this module lazily; avoid an import cycle
-
     if triton is None:
         raise RuntimeError("fused_token_statistics needs Triton (`pip install triton`), which is not installed.")
     if policy_hidden.shape[0] != ref_hidden.shape[0]:
@@ -335,9 +338,9 @@ def fused_token_statistics(
 
     h_p, h_q = contiguous_rows(policy_hidden), contiguous_rows(ref_hidden)
     w_p, w_q = contiguous_rows(policy_weight), contiguous_rows(ref_weight)
-    out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
+    out = {k: torch.zeros(n_tokens, device=device) for k in FIELDS}
     if n_tokens == 0:
-        return TokenStatistics(**out)
+        return tuple(out.values())
 
     vocab_blocks = triton.cdiv(vocab, config.block_v)
     dummy = torch.empty(1, device=device)
@@ -395,4 +398,4 @@ def fused_token_statistics(
             out["hellinger"][t0:t1] = (-torch.expm1(s["lse_m"] - 0.5 * (s["lse_p"] + s["lse_q"]))).clamp(0.0, 1.0)
             out["reverse_kl"][t0:t1] = (s["gap_p"] / s["sum_p"] - s["lse_p"] + s["lse_q"]).clamp_min(0.0)
             out["entropy"][t0:t1] = (torch.log(s["sum_p"]) - s["shifted_p"] / s["sum_p"]).clamp_min(0.0)
-    return TokenStatistics(**out)
+    return tuple(out.values())

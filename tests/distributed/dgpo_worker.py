@@ -12,6 +12,8 @@ Runs:
   scoring  full-model DGPO, statistics at scoring time (steps_per_generation=2 > gradient_accumulation_steps=1:
            TRL runs a policy forward for old log-probs, which DGPO's joint pass replaces).
   lora     LoRA (PEFT) DGPO, loss time: the reference is the policy with its adapter disabled; no second model.
+  in_memory  full-model DGPO on a model passed as an object and changed in memory after loading (noised weights; under
+           ZeRO-3 loaded after the config, so `zero.Init` partitions it): its reference must be a copy of it.
 With --starve-step S (loss-time runs), at global step S every completion on rank --starve-rank gets the same reward, so
 that rank has no completion with a nonzero advantage and nothing to score (the dummy-forward path under ZeRO-3).
 
@@ -53,7 +55,9 @@ RUN_SETTINGS = {
     "full": {"dgpo_target_ess": 0.9},
     "scoring": {"steps_per_generation": 2},  # > gradient_accumulation_steps = 1: scoring-time statistics
     "lora": {"learning_rate": 3e-2},
+    "in_memory": {},
 }
+IN_MEMORY_NOISE = 0.05  # std of the noise added to the loaded weights: the in-memory model is not the checkpoint
 
 
 def digit_fraction_reward(completions, trainer_state=None, **kwargs):
@@ -80,6 +84,13 @@ def full_parameters(model, zero3: bool) -> dict[str, torch.Tensor]:
         ctx = nullcontext()
     with torch.no_grad(), ctx:
         return {name: p.detach().clone().cpu() for name, p in params}
+
+
+def char_tokenizer(model_dir: str):
+    """The tiny model's char-level tokenizer, loaded as saved (not as the class AutoProcessor picks by model type)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(model_dir)
 
 
 def count_causal_lms() -> int:
@@ -136,23 +147,43 @@ def run(name: str, cli, dataset, out: Path) -> None:
 
     models_before = count_causal_lms()
     states: dict[int, dict[str, torch.Tensor]] = {}
+    model, in_memory = cli.model, {}
+    if name == "in_memory":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cli.model, dtype=torch.float32)
+        in_memory["partitioned"] = any(hasattr(p, "ds_id") for p in model.parameters())
+        noise = torch.Generator().manual_seed(7)  # the same noise on every rank
+        if in_memory["partitioned"]:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0)
+        else:
+            gathered = nullcontext()
+        with gathered, torch.no_grad():
+            for param in model.parameters():
+                param.add_(IN_MEMORY_NOISE * torch.randn(param.shape, generator=noise))
+        in_memory["passed"] = full_parameters(model, in_memory["partitioned"])
 
     class StateDump(TrainerCallback):
         """Parameters at the start of every step: weights computed during step k use `states[k]`."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             states[state.global_step] = full_parameters(trainer._policy(), zero3)
+            if in_memory:
+                in_memory["reference"] = full_parameters(trainer._reference(), zero3)
 
         def on_step_end(self, args, state, control, **kwargs):
             states[state.global_step] = full_parameters(trainer._policy(), zero3)
 
     trainer = DGPOTrainer(
-        cli.model,
+        model,
         reward_funcs=digit_fraction_reward,
         args=args,
         train_dataset=dataset,
         peft_config=peft_config,
         callbacks=[StateDump()],
+        processing_class=char_tokenizer(cli.model) if cli.char_tokenizer else None,
     )
     models_after = count_causal_lms()
     accelerator = trainer.accelerator
@@ -192,14 +223,33 @@ def run(name: str, cli, dataset, out: Path) -> None:
             "prompt_mask": inputs["prompt_mask"][rows].cpu(),
             "completion_ids": inputs["completion_ids"][rows].cpu(),
             "completion_mask": inputs["completion_mask"][rows].cpu(),
-            "weights": shown["weights"].clone(),
+            # (a call that scored no row leaves the previous batch's weights in last_token_weights)
+            "weights": shown["weights"].clone() if len(rows) else inputs["completion_mask"][rows].float().cpu(),
             "token_advantages": inputs["advantages"][rows].cpu(),
         }
         if "old_per_token_logps" in inputs:
             rec["old_per_token_logps"] = inputs["old_per_token_logps"][rows].cpu()
+            rec["trl_old_per_token_logps"] = trl_old_logps(inputs)[rows].cpu()
         records.append(rec)
 
     trainer._apply_token_weights = recording_apply
+
+    def trl_old_logps(inputs):
+        """TRL's own old log-probs of a scored batch: its fused-LM-head policy forward, which DGPO's joint pass
+        answers in its place at scoring time (a forward on every rank: ZeRO-3 gathers; not counted below)."""
+        from trl import GRPOTrainer
+
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        generating.append(True)
+        try:
+            with torch.no_grad():
+                logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                    trainer, trainer.model, ids, attention, inputs["completion_ids"].size(1)
+                )
+        finally:
+            generating.pop()
+        return logps
 
     # Collective work per step: reference-backbone forwards and divergence passes (LM-head gathers under ZeRO-3), and
     # policy-backbone forwards outside generation (training forward, plus scoring-time joint passes)
@@ -268,6 +318,7 @@ def run(name: str, cli, dataset, out: Path) -> None:
         "train_seconds": train_seconds,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "settings": dict(settings, steps_per_generation=args.steps_per_generation, max_steps=steps),
+        "in_memory": in_memory,
     }
     if rank == 0:
         result["states"] = states
@@ -278,7 +329,7 @@ def run(name: str, cli, dataset, out: Path) -> None:
 
     # Free this run's engine before the next one (the model count of a later run must not see it)
     trainer.accelerator.free_memory()
-    del trainer, states, records, final
+    del trainer, states, records, final, model, in_memory
     gc.collect()
     dist.barrier()
 
@@ -287,11 +338,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved tiny model (dgpo_trl.tiny.build_tiny_model)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", default="full", help="comma-separated: full, scoring, lora")
+    parser.add_argument("--runs", default="full", help="comma-separated: full, scoring, lora, in_memory")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--starve-rank", type=int, default=1)
     parser.add_argument("--starve-step", type=int, default=None)
     parser.add_argument("--ddp-timeout", type=int, default=180, help="seconds a collective may wait")
+    parser.add_argument(
+        "--char-tokenizer", action="store_true",
+        help="pass the model's saved tokenizer as a PreTrainedTokenizerFast (non-Llama tiny models: TRL's "
+        "AutoProcessor picks a tokenizer class by model type, and Qwen2Tokenizer drops whitespace)",
+    )  # fmt: skip
     cli = parser.parse_args()
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
