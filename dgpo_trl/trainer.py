@@ -123,7 +123,7 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
         ):
             if rank == 0:
                 copies[name].data.copy_(param.data)
-    for (name, buffer), (_, copied) in zip(model.named_buffers(), reference.named_buffers()):
+    for (_, buffer), (_, copied) in zip(model.named_buffers(), reference.named_buffers()):
         copied.data.copy_(buffer.data)
     return reference
 
@@ -211,15 +211,16 @@ class DGPOTrainer(GRPOTrainer):
 
     Same constructor, options and behaviour as TRL's [`~trl.GRPOTrainer`]; only the advantages change. Each completion
     i's sequence advantage A_i is redistributed over its valid tokens (`completion_mask * tool_mask`) as
-    A_{i,t} = A_i * w_t, with w_t = T_i * softmax_t(d_t * (H_t / log|V|) ** kappa / tau): d_t is the squared Hellinger
-    distance (or reverse KL) between pi_theta and a frozen reference over the full vocabulary, H_t the entropy of
-    pi_theta, both under TRL's sampling temperature and logit transform. TRL's `_compute_loss` takes the resulting
-    (B, T) advantages unchanged. The KL penalty is dropped (`beta=0`); a user's `beta > 0` keeps TRL's KL term too.
+    A_{i,t} = A_i * w_t, with w_t = T_i * softmax_t(d_t * (H_t / log|V|) ** kappa / tau) (or H_t in nats,
+    `dgpo_entropy="nats"`): d_t is the squared Hellinger distance (or reverse KL) between pi_theta and a frozen
+    reference over the full vocabulary, H_t the entropy of pi_theta, both under TRL's sampling temperature and logit
+    transform. TRL's `_compute_loss` takes the resulting (B, T) advantages unchanged. The KL penalty is dropped
+    (`beta=0`); a user's `beta > 0` keeps TRL's KL term too, against DGPO's reference.
 
     pi_theta is the policy that generated the batch (pi_old), and each completion's weights are computed once:
-    - when TRL runs a policy forward at scoring time for pi_old log-probs (off-policy steps or vLLM importance
-      sampling), DGPO takes pi_theta's hidden states from that forward, chunk by chunk, and adds the reference forward
-      and its divergence pass; TRL's log-probs are its own;
+    - when TRL asks for pi_old log-probs at scoring time (off-policy steps or vLLM importance sampling), DGPO answers
+      the call: per chunk of TRL's own inputs, the policy's backbone, the reference forward and the divergence pass,
+      whose policy label log-probs are TRL's old log-probs (the policy's LM head is projected once);
     - otherwise the parameters cannot change before the completion is trained on, so DGPO takes pi_theta's hidden
       states from the training forward itself and runs only the reference forward, for the completions whose
       advantage is nonzero (`dgpo_skip_zero_advantage`).
@@ -227,8 +228,11 @@ class DGPOTrainer(GRPOTrainer):
     beta > 0), and a divergence pass over (tokens x vocabulary) tiles that never holds full logits.
 
     What is overridden, and why:
-    - `__init__`: loads the frozen reference when DGPO needs one and TRL would not (beta = 0), the way TRL loads its
-      own; for a PEFT model, the reference is the same model with the adapter disabled (or TRL's "ref" adapter).
+    - `__init__`: builds the frozen reference, which replaces TRL's (TRL's __init__ runs with beta = 0 and no
+      sync_ref_model, so it loads none): a copy of a model passed as an object, taken before TRL patches it (a model
+      changed in memory is its own reference), or loaded from a model's path as TRL loads its own; for a PEFT model,
+      the same model with the adapter disabled (or a frozen "ref" adapter copy of a pretrained adapter). With
+      `use_liger_kernel=True` a callback gives the reference the Liger kernels `train()` gives the policy.
     - `_generate_and_score_completions`: switches off TRL's reference forward (DGPO's pass yields those log-probs)
       and applies the weights when they were computed at scoring time.
     - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time policy forward, and the loss-time statistics,
