@@ -217,7 +217,7 @@ def make_callback(name, trainer_ref, baton, record, device, steps_per_cycle, war
                 set_seed(0)
             if (step - 1) % steps_per_cycle == 0:
                 self.cycle_s = 0.0
-                for key in ("scoring_s", "divergence_s", "generate_s"):
+                for key in PART_KEYS:
                     record[key] = 0.0
             sync()
             self.start = time.perf_counter()
@@ -242,7 +242,7 @@ def make_callback(name, trainer_ref, baton, record, device, steps_per_cycle, war
                     record["resident_bytes"] = resident_bytes(trainer_ref())
             if step % steps_per_cycle == 0 and step > warmup_cycles * steps_per_cycle:
                 record["cycle_s"].append(self.cycle_s)
-                for key in ("scoring_s", "divergence_s", "generate_s"):
+                for key in PART_KEYS:
                     record[f"{key}_cycles"].append(record[key])
             baton.pass_on(name)
             baton.wait(name)
@@ -261,6 +261,10 @@ def make_callback(name, trainer_ref, baton, record, device, steps_per_cycle, war
             baton.pass_on(name, finished=True)
 
     return Interleave()
+
+
+# Per-cycle timed parts (seconds, summed over the cycle's calls)
+PART_KEYS = ("scoring_s", "divergence_s", "generate_s", "stage_s")
 
 
 def _timed(fn, record, keys, device):
@@ -285,6 +289,12 @@ def time_parts(trainer, record, device) -> None:
     if hasattr(trainer, "_generate"):
         trainer._generate = _timed(trainer._generate, record, ["generate_s"], device)
         record["has_generate"] = True
+    # Generation, rewards and the scoring-time passes (TRL's old-log-prob and reference passes, or DGPO's): with the
+    # generation subtracted, every variant's scoring stage, comparable across trainers
+    trainer._generate_and_score_completions = _timed(
+        trainer._generate_and_score_completions, record, ["stage_s"], device
+    )
+    record["has_stage"] = True
     forward = next((name for name in ("_reference_hidden", "_backbone_hidden") if hasattr(trainer, name)), None)
     if forward is not None:
         setattr(trainer, forward, _timed(getattr(trainer, forward), record, ["scoring_s"], device))
@@ -480,8 +490,7 @@ def run_config(model_name, vocab, path_name, args, device, dtype):
     variants = [v for v in VARIANTS if v in args.variants]
     if path_name == "offpolicy" and "dgpo" in variants and "dgpo_noskip" in variants:
         variants.remove("dgpo_noskip")  # every completion is scored at scoring time: the same trainer as dgpo
-    keys = ("scoring_s", "divergence_s", "generate_s")
-    records = {v: {"cycle_s": [], "logs": [], **{k: 0.0 for k in keys}, **{f"{k}_cycles": [] for k in keys}}
+    records = {v: {"cycle_s": [], "logs": [], **{k: 0.0 for k in PART_KEYS}, **{f"{k}_cycles": [] for k in PART_KEYS}}
                for v in variants}
     baton = Baton(variants)
     trainers = {}
@@ -550,6 +559,7 @@ def run_config(model_name, vocab, path_name, args, device, dtype):
                 generate_ms=generate,
                 # The cycle without its generation: what the trainers do differently (HF generation is the same)
                 train_ms=None if generate is None else 1e3 * mean(r["cycle_s"]) - generate,
+                stage_ms=None if generate is None else part_ms("stage_s", "has_stage") - generate,
                 scoring_ms=part_ms("scoring_s", "has_scoring"),
                 divergence_ms=part_ms("divergence_s", "has_divergence"),
                 peak_mib=(r["resident_bytes"] + r["transient_bytes"]) / 2**20,
@@ -592,15 +602,17 @@ def ratios_for(rows: list[dict]) -> list[dict]:
     ratio("dgpo", "grpo_beta0")
     ratio("grpo_beta0.04", "grpo_beta0")
     ratio("dgpo", "dgpo_noskip")
-    if {"dgpo", "grpo_beta0", "grpo_beta0.04"} <= by.keys():
-        # DGPO's floor against GRPO(beta=0): a reference forward on the completions DGPO scores. GRPO(beta=0.04)'s
-        # extra time over GRPO(beta=0) is one reference forward (LM head included) on every completion, so the floor
-        # is estimated as 1 + scored_fraction * (GRPO(0.04) - GRPO(0)) / GRPO(0).
-        scored = by["dgpo"]["scored_fraction"]
-        scored = 1.0 if scored is None else scored
-        g0, g4 = by["grpo_beta0"]["cycle_ms"], by["grpo_beta0.04"]["cycle_ms"]
-        ratios.append(dict(**where, ratio="floor: 1 + scored_fraction * reference forward / grpo_beta0",
-                           cycle_time=1.0 + scored * (g4 - g0) / g0, scored_fraction=scored))
+    if {"dgpo", "grpo_beta0"} <= by.keys() and by["dgpo"]["scoring_ms"] and by["dgpo"]["divergence_ms"]:
+        # DGPO's floor against GRPO(beta=0), which runs no reference: DGPO's own reference forwards (on the
+        # completions it scores), timed in the same run, on top of GRPO(beta=0)'s cycle
+        reference_ms = by["dgpo"]["scoring_ms"] - by["dgpo"]["divergence_ms"]
+        ratios.append(dict(**where, ratio="floor: 1 + dgpo reference forward / grpo_beta0",
+                           cycle_time=1.0 + reference_ms / by["grpo_beta0"]["cycle_ms"],
+                           scored_fraction=by["dgpo"]["scored_fraction"]))
+    if "dgpo" in by and "grpo_beta0.04" in by and (by["grpo_beta0.04"].get("stage_ms") or 0) > 0:
+        # The scoring stage alone (generation subtracted): DGPO's passes against TRL's old-log-prob and reference ones
+        ratios.append(dict(**where, ratio="scoring stage dgpo / grpo_beta0.04",
+                           cycle_time=by["dgpo"]["stage_ms"] / by["grpo_beta0.04"]["stage_ms"]))
     if "dgpo" in by and "dgpo_noskip" in by and by["dgpo"]["scoring_ms"] and by["dgpo_noskip"]["scoring_ms"]:
         ratios.append(
             dict(
@@ -614,7 +626,7 @@ def ratios_for(rows: list[dict]) -> list[dict]:
 
 
 ROW_COLUMNS = ["model", "vocab", "path", "variant", "cycles", "cycle_ms", "cycle_median_ms", "generate_ms",
-               "scoring_ms", "divergence_ms", "peak_mib", "transient_mib", "mem_step_tokens", "reward",
+               "stage_ms", "scoring_ms", "divergence_ms", "peak_mib", "transient_mib", "mem_step_tokens", "reward",
                "frac_reward_zero_std", "scored_fraction"]
 RATIO_COLUMNS = ["model", "vocab", "path", "ratio", "cycle_time", "cycle_time_median", "cycle_time_min", "train_time",
                  "peak_memory", "scored_fraction"]
@@ -705,11 +717,12 @@ def markdown(results: dict) -> str:
                  + (f", {', '.join(f'{x:.2f}' for x in meta['load_average_at_end'])} at end"
                     if "load_average_at_end" in meta else "")
                  + f"; `{' '.join(['python', *meta['argv']])}`")
-    lines += ["", "| model | V | path | variant | cycles | cycle ms (mean) | generation ms | DGPO scoring ms | "
-                  "peak MiB | frac_reward_zero_std | scored fraction |", "|" + " --- |" * 11]
+    lines += ["", "| model | V | path | variant | cycles | cycle ms (mean) | generation ms | scoring stage ms | "
+                  "DGPO scoring ms | peak MiB | frac_reward_zero_std | scored fraction |", "|" + " --- |" * 12]
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {r['vocab']} | {r['path']} | {NAMES.get(r['variant'], r['variant'])} | "
-                     f"{r['cycles']} | {f(r['cycle_ms'])} | {f(r['generate_ms'])} | {f(r['scoring_ms'])} | "
+                     f"{r['cycles']} | {f(r['cycle_ms'])} | {f(r['generate_ms'])} | {f(r.get('stage_ms'))} | "
+                     f"{f(r['scoring_ms'])} | "
                      f"{f(r['peak_mib'])} | {f(r['frac_reward_zero_std'], 2)} | {f(r['scored_fraction'], 2)} |")
     lines += ["", "| model | V | path | ratio | cycle time (mean) | median | min | without generation | peak memory |",
               "|" + " --- |" * 9]
@@ -725,7 +738,13 @@ def main():
     if "--report" in sys.argv[1:]:
         import json
 
-        print(markdown(json.loads(Path(sys.argv[sys.argv.index("--report") + 1]).read_text())))
+        results = json.loads(Path(sys.argv[sys.argv.index("--report") + 1]).read_text())
+        # The ratios are recomputed from the rows, so a results file reads with this script's definitions
+        configs = {}
+        for row in results["rows"]:
+            configs.setdefault((row["model"], row["vocab"], row["path"]), []).append(row)
+        results["meta"]["ratios"] = [ratio for rows in configs.values() for ratio in ratios_for(rows)]
+        print(markdown(results))
         return
     args = build_parser().parse_args()
     rows, ratios, meta = run(args)

@@ -11,13 +11,20 @@ prompt, and a TRL reward function. Prompts are plain strings (standard, non-conv
   advantage spread uniformly (GRPO) lands mostly on tokens that do not matter, which is the situation DGPO's token
   reallocation is meant for. The filler is deliberately high-entropy, so the entropy gate cannot single out the
   answer tokens by entropy alone: the divergence from the reference has to do it.
+
+Each also comes in vocabulary-scale variants, ``<task>_v<V>`` for V in `VOCAB_SIZES` (``reversal_v99``,
+``reversal_v32000``, ``filler_v151936``, ...): the same prompts, rewards and tokenizer, with the model's vocabulary
+(embedding and LM-head rows) padded with tokens the data never uses up to V rows: LLaMA-2's 32,000 and Qwen2.5's
+151,936 (log V 4.6 -> 10.4 -> 11.9). ``_v99`` is the tokenizer's own vocabulary, not padded: the same short runs at
+V = 99, for the comparison. How the padded rows are initialised, and what happens when one is sampled, is
+`study.py`'s business (`pad_warmup`).
 """
 
 from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 
@@ -78,6 +85,10 @@ class Task:
     description: str
     # tokens -> which of them decide the reward; None when every token does
     decisive: Callable[[list[str]], list[bool]] | None = None
+    # Vocabulary-scale variant: the model's vocabulary is padded to this many rows, starting from the warm-up of the
+    # task `base` (None: the tokenizer's own vocabulary, no padding)
+    vocab_size: int | None = None
+    base: str | None = None
 
     def splits(self, seed: int, n_sft: int, n_train: int, n_eval: int, n_val: int = 128) -> dict[str, list[dict]]:
         """Disjoint prompt sets ``{"sft", "val", "train", "eval"}`` of ``{"prompt", "answer"}`` rows: the warm-up
@@ -104,7 +115,7 @@ class Task:
         return out
 
 
-TASKS: dict[str, Task] = {
+BASE_TASKS: dict[str, Task] = {
     "reversal": Task(
         "reversal",
         reversal_prompt,
@@ -125,4 +136,26 @@ TASKS: dict[str, Task] = {
         ),
         decisive=answer_positions,
     ),
+}
+
+
+NATIVE_VOCAB_SIZE = 99  # the char tokenizer of `dgpo_trl.tiny` (4 specials + 95 characters); the tests check it
+VOCAB_SIZES = (NATIVE_VOCAB_SIZE, 32000, 151936)  # ours, LLaMA-2 / Mistral, Qwen2.5
+
+
+def padded(task: Task, vocab_size: int) -> Task:
+    """`task` with the model's vocabulary padded to `vocab_size` rows (same prompts, rewards and tokenizer)."""
+    what = "not padded" if vocab_size == NATIVE_VOCAB_SIZE else f"padded to {vocab_size:,} rows"
+    return replace(
+        task,
+        name=f"{task.name}_v{vocab_size}",
+        description=f"{task.description}; model vocabulary {what}",
+        vocab_size=vocab_size,
+        base=task.name,
+    )
+
+
+TASKS: dict[str, Task] = {
+    **BASE_TASKS,
+    **{f"{t.name}_v{v}": padded(t, v) for v in VOCAB_SIZES for t in BASE_TASKS.values()},
 }
