@@ -576,7 +576,8 @@ class DGPOTrainer(GRPOTrainer):
             ]
         )
         sums = self.accelerator.reduce(sums, reduction="sum")
-        maxima = torch.stack([maximum(divergence), maximum(scores), maximum(weights.float())]).unsqueeze(0)
+        # weight/max in float64 too: a weight of 1 + 1e-7 must not read as exactly 1 (uniform)
+        maxima = torch.stack([maximum(divergence).to(wide), maximum(scores).to(wide), maximum(weights)]).unsqueeze(0)
         maxima = self.accelerator.gather(maxima).amax(0)
         (
             d, h_normalized, h, s, kl, n_valid, weight_ss, n_weighted, score_ss, ess, n_seqs, n_nonfinite, n_scored,

@@ -8,8 +8,8 @@ The colour scale diverges at the mean, w = 1 (white): blue below, red above, sym
 are equally strong). By default its ends are 1/vmax and vmax with vmax = max(w, 1/w) over the weights shown, so
 near-uniform weights (0.99-1.02 at the paper's tau = 0.5) use the whole scale and concentrated ones (0.1-8) stay
 ordered; pass `vmax` to share one scale between several heatmaps (e.g. training steps). Weights that are all 1 (to
-within 1e-4: e.g. step 1, where pi_theta = pi_ref) are drawn white, and the legend says they are uniform. Every
-heatmap has a legend: the colour bar with its end values, and the smallest and largest weight shown.
+within 1e-6, float32 noise: e.g. step 1, where pi_theta = pi_ref) are drawn white, and the legend says they are
+uniform. Every heatmap has a legend: the colour bar with its end values, and the smallest and largest weight shown.
 
 - `heatmap_html(...)`: a self-contained HTML page (every token HTML-escaped: completions are untrusted text).
 - `heatmap_png(...)`: the same picture as a PNG, with matplotlib.
@@ -49,10 +49,12 @@ _WHITE = (255, 255, 255)
 _RED_RAMP = (_WHITE, (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43))
 _BLUE_RAMP = (_WHITE, (209, 229, 240), (146, 197, 222), (67, 147, 195), (33, 102, 172))
 _NAN_RGB = (221, 221, 221)  # a non-finite weight: no place on the scale
-# Weights within this distance of 1 count as uniform (float noise): drawn white, and the legend says so
-_UNIFORM_TOLERANCE = 1e-4
+# Weights within this distance of 1 count as uniform: drawn white, and the legend says so. It is float32 noise (a few
+# ulps of 1, ~1e-7), not signal: DGPO's weights at the paper's settings really do spread by 1e-5 to 1e-4, and a
+# heatmap must show where that went
+_UNIFORM_TOLERANCE = 1e-6
 # The automatic scale never ends closer to 1 than this, so weights just past the tolerance are only tinted
-_MIN_VMAX = 1.001
+_MIN_VMAX = 1 + 1e-5
 
 
 @dataclass
@@ -93,7 +95,10 @@ def completions_from_token_weights(
         if advantages is not None:
             caption += f" · advantage {float(advantages[i]):+.3f}"
         if row_weights:
-            caption += f" · max w {max(row_weights):.3f} · min w {min(row_weights):.3f}"
+            # Enough decimals for the spread to show: 1.109 / 0.966, or 1.00007 / 0.99995 at the paper's tau
+            spread = max((abs(w - 1.0) for w in row_weights if math.isfinite(w)), default=1.0)
+            digits = 3 if spread == 0 else max(3, min(7, math.ceil(-math.log10(spread)) + 1))
+            caption += f" · max w {max(row_weights):.{digits}f} · min w {min(row_weights):.{digits}f}"
         completions.append(HeatmapCompletion(token_strings(ids[i][valid].tolist(), tokenizer), row_weights, caption))
     return completions
 
@@ -264,7 +269,7 @@ def heatmap_html(
     The colours diverge at w = 1 (white): blue below, red above, symmetric in log w, with full blue at 1/vmax and
     full red at vmax (weights beyond are clipped to the ends). `vmax` (> 1) defaults to max(w, 1/w) over all the
     weights shown (all completions share one scale); pass it to compare several heatmaps on one scale. Weights
-    all equal to 1 (within 1e-4) are drawn white unless `vmax` is given. A legend gives the scale's end values and
+    all equal to 1 (within 1e-6) are drawn white unless `vmax` is given. A legend gives the scale's end values and
     the smallest and largest weight; hovering a token shows its weight. Tokens, captions and the title are
     HTML-escaped.
     """

@@ -414,6 +414,7 @@ def test_logged_weight_spread_matches_float64(tiny_model_path, reversal_train_da
     assert std == pytest.approx(spread, rel=0.2)
     assert logged["dgpo/weight/std"] == pytest.approx(std, rel=1e-6)
     assert logged["dgpo/ess"] == pytest.approx(ess, rel=0, abs=1e-12) and logged["dgpo/ess"] < 1.0
+    assert logged["dgpo/weight/max"] == pytest.approx(w.max().item(), rel=1e-12) and logged["dgpo/weight/max"] > 1.0
     score = torch.where(valid, stats.hellinger.double(), 0.0)
     centred = torch.where(valid, score - score.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True), 0.0)
     assert logged["dgpo/score/std"] == pytest.approx(centred.square().sum().div(valid.sum()).sqrt().item(), rel=1e-5)

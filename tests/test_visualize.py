@@ -1,5 +1,6 @@
 """Token-weight heatmaps: HTML (escaped), PNG, decoding trainer weights, and the training callback."""
 
+import math
 import re
 
 import pytest
@@ -149,6 +150,21 @@ def test_uniform_weights_render_white_and_the_legend_says_so():
     assert "uniform" not in legend(heatmap_html(NEAR_UNIFORM))
 
 
+def test_tiny_real_spreads_are_shown_not_called_uniform():
+    # At the paper's tau and an LLM vocabulary DGPO's weights spread by ~1e-5 to 1e-4 (a real Cohere-config run: 7e-5):
+    # that is signal, not float noise, and must be drawn
+    completion = HeatmapCompletion(["a", "b", "c", "d"], [0.99995, 1.0, 1.00007, 1.00002])
+    page = heatmap_html(completion)
+    colours = css_colours(page)
+    assert "uniform" not in legend(page)
+    below, white, above = colours["a"], colours["b"], colours["c"]
+    assert below[2] > below[0] and above[0] > above[2]  # blue below the mean, red above
+    assert math.dist(below, above) > 100 and white == (255, 255, 255)
+    assert re.search(r">0\.99993\d*<.*>1<.*>1\.00007\d*<", legend(page))
+    png = png_colours([completion])
+    assert math.dist(png["a"], png["c"]) > 100 and png["a"][2] > png["a"][0] and png["c"][0] > png["c"][2]
+
+
 def legend(page: str) -> str:
     return re.search(r'<div class="dgpo-legend">([^\n]*)', page).group(1)
 
@@ -223,6 +239,10 @@ def test_completions_from_trainer_token_weights():
     assert second.tokens == ["1", "2", "<eos>"] and second.weights == [1.5, 0.5, 1.0]  # padding dropped
     assert "advantage +0.750" in first.caption and "max w 2.00" in first.caption
     assert len(completions_from_token_weights(token_weights, tokenizer, max_completions=1)) == 1
+    # A spread at the paper's tau (~1e-4) shows in the caption's digits, not as "max w 1.000 · min w 1.000"
+    tiny = dict(token_weights, weights=torch.tensor([[1.0, 1.00007, 0.99995, 1.0, 0.99998, 1.0], [1.0] * 6]))
+    caption = completions_from_token_weights(tiny, tokenizer)[0].caption
+    assert "max w 1.00007" in caption and "min w 0.99995" in caption
     with pytest.raises(ValueError, match="mask"):
         completions_from_token_weights({"completion_ids": ids, "weights": ids}, tokenizer)
 
