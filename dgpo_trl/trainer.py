@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
+import functools
 import inspect
 import math
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -13,18 +12,9 @@ from accelerate.utils import is_peft_model
 from peft import PeftModel
 from torch.distributed.tensor import DTensor
 
-from transformers import TrainerCallback
 from trl import GRPOTrainer
-from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.callbacks import SyncRefModelCallback
-from trl.trainer.utils import (
-    add_fused_lm_head,
-    create_model_from_path,
-    disable_dropout_in_model,
-    get_config_model_id,
-    maybe_gather_lm_head_ctx,
-    use_adapter,
-)
+from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx, use_adapter
 
 from .config import DGPOConfig, validate_dgpo_arguments
 from .functional import (
@@ -37,6 +27,18 @@ from .functional import (
     token_statistics,
     weights_from_scores,
     wide_dtype,
+)
+from .reference import (
+    REFERENCE_ADAPTER,
+    ReferenceKernels,
+    add_reference_adapter,
+    backbone_forward,
+    captured_hidden_states,
+    causal_lm,
+    frozen_copy,
+    load_reference_model,
+    prepare_reference_model,
+    trained_adapters,
 )
 
 
@@ -60,72 +62,9 @@ def logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), softcap
 
 
-def _causal_lm(model):
-    """The `PreTrainedModel` under a PEFT wrapper (adapter layers included), or the (unwrapped) model itself."""
-    # isinstance, not accelerate's is_peft_model: that one re-reads package metadata on every call (~0.5 ms)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     """The whole tensor of a parameter FSDP2 shards as a DTensor (as TRL's fused LM head gathers it)."""
     return param.full_tensor() if isinstance(param, DTensor) else param
-
-
-@contextmanager
-def _captured_hidden(backbone: torch.nn.Module):
-    """Collects `backbone`'s last hidden states (detached) from the forwards run inside the block."""
-    captured = []
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` as it is now, to serve as DGPO's frozen reference: same weights, buffers and config.
-
-    A model loaded under DeepSpeed ZeRO-3's `zero.Init` holds only its shard of every parameter on each rank: the copy
-    is built from the same config (partitioned the same way) and filled one gathered parameter at a time, so no rank
-    ever holds more than its shard of the copy plus one full parameter. Any other model is deep-copied.
-
-    Raises `ValueError` where no faithful copy can be made: a quantized model (its packed weights and quantization
-    state do not survive a copy) or a model whose parameters are on the meta device (they hold no values).
-    """
-    quantized = getattr(model, "hf_quantizer", None) is not None
-    if quantized or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        raise ValueError(
-            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but a quantized model cannot "
-            "be copied. Pass a `peft_config` (the reference is then the same model with its adapter disabled, as in "
-            "QLoRA), or pass the model's path as a string with `quantization_config` so the reference is loaded from it."
-        )
-    if any(param.is_meta for param in model.parameters()):
-        raise ValueError(
-            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but this model's parameters "
-            "are on the meta device and hold no values. Load its weights first (e.g. `from_pretrained`), or pass the "
-            "model's path as a string."
-        )
-    if not any(hasattr(param, "ds_id") for param in model.parameters()):
-        return copy.deepcopy(model)
-    import deepspeed
-
-    # `_from_config` builds under `zero.Init` while ZeRO-3 is configured, so the copy is partitioned like the model
-    reference = type(model)._from_config(
-        copy.deepcopy(model.config), dtype=model.dtype, attn_implementation=model.config._attn_implementation
-    )
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    params, copies = dict(model.named_parameters()), dict(reference.named_parameters())
-    if params.keys() != copies.keys():
-        raise RuntimeError(f"Copying {type(model).__name__} for the reference gave other parameters than the model's.")
-    for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param]), deepspeed.zero.GatheredParameters(
-            [copies[name]], modifier_rank=0
-        ):
-            if rank == 0:
-                copies[name].data.copy_(param.data)
-    for (_, buffer), (_, copied) in zip(model.named_buffers(), reference.named_buffers()):
-        copied.data.copy_(buffer.data)
-    return reference
 
 
 def _check_prompt_column(dataset, name: str) -> None:
@@ -143,22 +82,6 @@ def _check_prompt_column(dataset, name: str) -> None:
         f"columns are {list(columns)}. Rename the column that holds the prompts, e.g. "
         f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`."
     )
-
-
-class _ReferenceKernels(TrainerCallback):
-    """Gives DGPO's reference the Liger kernels `Trainer.train()` applies to the policy when `use_liger_kernel=True`.
-
-    transformers patches the policy at the start of `train()`, just before `on_train_begin`; a reference with the
-    standard kernels would differ from the policy by kernel numerics alone (d_t > 0 before any update).
-    """
-
-    def __init__(self, trainer: DGPOTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        from transformers.integrations.liger import apply_liger_kernel
-
-        apply_liger_kernel(self.trainer._reference(), args.liger_kernel_config)
 
 
 class _JointPass:
@@ -183,16 +106,19 @@ class _JointPass:
 
     def __call__(self, labels, fused_lm_head=True, **model_inputs):
         trainer = self.trainer
-        if self.scoring:
-            policy_hidden = trainer._policy_hidden(model_inputs)
-        else:
-            policy_hidden = self.policy_hidden[self.rows_done : self.rows_done + labels.shape[0]]
-            self.rows_done += labels.shape[0]
-        ref_hidden = trainer._reference_hidden(model_inputs)
         # Position t's hidden state predicts token t + 1; only completion tokens carry a label
         targets = labels[:, 1:]
         mask = targets != -100
-        stats = trainer._divergence_pass(policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask], targets[mask])
+        ref_hidden = trainer._reference_hidden(model_inputs)[:, :-1][mask]
+
+        def statistics(policy_hidden):
+            return trainer._divergence_pass(policy_hidden[:, :-1][mask], ref_hidden, targets[mask])
+
+        if self.scoring:
+            stats = trainer._policy_forward(model_inputs, statistics)
+        else:
+            stats = statistics(self.policy_hidden[self.rows_done : self.rows_done + labels.shape[0]])
+            self.rows_done += labels.shape[0]
         per_position = TokenStatistics(*(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats))
         self.chunks.append(per_position)
         return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
@@ -231,13 +157,18 @@ class DGPOTrainer(GRPOTrainer):
     - `__init__`: builds the frozen reference, which replaces TRL's (TRL's __init__ runs with beta = 0 and no
       sync_ref_model, so it loads none): a copy of a model passed as an object, taken before TRL patches it (a model
       changed in memory is its own reference), or loaded from a model's path as TRL loads its own; for a PEFT model,
-      the same model with the adapter disabled (or a frozen "ref" adapter copy of a pretrained adapter). With
-      `use_liger_kernel=True` a callback gives the reference the Liger kernels `train()` gives the policy.
+      the same model with the adapter disabled (or a frozen "ref" adapter copy of a pretrained adapter). Its life
+      cycle is in `dgpo_trl.reference`. With `use_liger_kernel=True` a callback gives the reference the Liger kernels
+      `train()` gives the policy.
     - `_generate_and_score_completions`: switches off TRL's reference forward (DGPO's pass yields those log-probs)
       and applies the weights when they were computed at scoring time.
     - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time policy forward, and the loss-time statistics,
       through DGPO's joint pass (`_JointPass`), which reuses TRL's own input building.
     - `_compute_loss`: marks the micro-batch whose weights are computed from the training forward.
+    - `_save`: leaves DGPO's frozen "ref" adapter out of what checkpoints, `save_model` and Hub pushes write.
+
+    Every forward DGPO runs goes through the module the engine prepared (`dgpo_trl.reference.backbone_forward`),
+    so FSDP2's and ZeRO-3's hooks run as in a normal forward; the policy's LM-head module is never called.
     """
 
     _tag_names = ["trl", "dgpo"]
@@ -257,13 +188,12 @@ class DGPOTrainer(GRPOTrainer):
         for name in ("train_dataset", "eval_dataset"):
             _check_prompt_column(given.get(name), name)
         wrapped_peft_model = not isinstance(model, str) and is_peft_model(model)
-        if needs_reference and peft_config is None and wrapped_peft_model:
-            # A pretrained adapter: the reference is the initial policy, base model plus this adapter, kept as a frozen
-            # "ref" adapter copy (what TRL does for beta != 0; TRL's __init__ sees beta = 0 below).
-            model.add_adapter("ref", model.peft_config["default"])
-            for name, param in model.named_parameters():
-                if ".default." in name:
-                    model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+        sync_reference = needs_reference and args.sync_ref_model
+        if sync_reference and (peft_config is not None or wrapped_peft_model):
+            raise NotImplementedError(
+                "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
+                "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
+            )
         # A model passed as an object may differ from what its config's path holds (changed in memory, or built from
         # a config): its reference is a copy of it, taken before TRL patches its forward (a copy of a patched model
         # would keep calling the original's). A model passed as a path gets its reference from that path.
@@ -271,12 +201,6 @@ class DGPOTrainer(GRPOTrainer):
         if needs_reference and peft_config is None and not wrapped_peft_model and not isinstance(model, str):
             reference = frozen_copy(model)
 
-        sync_reference = needs_reference and args.sync_ref_model
-        if sync_reference and (peft_config is not None or wrapped_peft_model):
-            raise NotImplementedError(
-                "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
-                "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
-            )
         # DGPO's reference replaces TRL's: TRL's __init__ sees beta = 0 so that it loads none (it would reload the
         # model from its path), and no sync_ref_model, which it refuses with beta = 0; both are restored right after.
         hidden = {"beta": 0.0, "sync_ref_model": False} if needs_reference else {}
@@ -291,15 +215,20 @@ class DGPOTrainer(GRPOTrainer):
         self.beta = args.beta
 
         self._unwrapped: dict[int, tuple] = {}
+        if needs_reference and peft_config is None and wrapped_peft_model:
+            # A pretrained adapter: the reference is the initial policy, base model plus this adapter, kept as a frozen
+            # adapter copy (what TRL does for beta != 0). Added once the trainer exists: a refused construction leaves
+            # the user's model as it was.
+            add_reference_adapter(model)
         if needs_reference and not isinstance(self._policy(), PeftModel):
             if reference is None:
-                reference = self._load_reference_model(given.get("quantization_config"))
-            self.ref_model = self._prepare_reference_model(reference)
+                reference = load_reference_model(self, given.get("quantization_config"))
+            self.ref_model = prepare_reference_model(self, reference)
             if args.use_liger_kernel:
-                self.add_callback(_ReferenceKernels(self))
+                self.add_callback(ReferenceKernels(self))
         if sync_reference:
             self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-        policy = _causal_lm(self._policy())
+        policy = causal_lm(self._policy())
         self._logit_scale, self._softcap = logit_transform(policy.config)
         head = policy.get_output_embeddings()
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
@@ -312,31 +241,6 @@ class DGPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------------
     # Models
-
-    def _load_reference_model(self, quantization_config):
-        """The reference of a policy given as a path: loaded from it as `GRPOTrainer.__init__` loads its own."""
-        model_init_kwargs = dict(self.args.model_init_kwargs or {})
-        if quantization_config is not None:
-            model_init_kwargs["quantization_config"] = quantization_config
-        if self.args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
-            model_init_kwargs["device_map"] = None
-        model_init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        model_init_kwargs.setdefault("dtype", self.model.dtype)
-        model_init_kwargs.setdefault("attn_implementation", self.model.config._attn_implementation)
-        return create_model_from_path(get_config_model_id(self.model.config), **model_init_kwargs)
-
-    def _prepare_reference_model(self, ref_model):
-        """Frozen, and prepared exactly as `GRPOTrainer.__init__` prepares its own reference for beta != 0 (with its
-        fused LM head too, so TRL code that scores `ref_model` works on it; DGPO's pass does not use it)."""
-        ref_model.requires_grad_(False)
-        if self.args.disable_dropout:
-            disable_dropout_in_model(ref_model)
-        add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(ref_model, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(ref_model, self.accelerator)
-        return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def _policy(self):
         return self._unwrap(self.model)
@@ -355,43 +259,35 @@ class DGPOTrainer(GRPOTrainer):
         return self._policy() if self.ref_model is None else self._unwrap(self.ref_model)
 
     def _reference_hidden(self, model_inputs) -> torch.Tensor:
-        """The reference's last hidden states for a chunk of TRL-built model inputs.
+        """The reference's last hidden states for a chunk of TRL-built model inputs (no grad).
 
-        A full reference runs its own forward through its root module, so ZeRO-3 and FSDP gather what they shard, with
-        `logits_to_keep=1` so its LM head projects one position only. With PEFT the policy's backbone runs with the
-        adapter disabled (TRL's frozen "ref" adapter if present) and never through the `lm_head` module: under ZeRO-3
-        that module call would corrupt the policy's next backward. The LM-head weights are used in `_divergence_pass`.
+        A full reference runs through its own prepared module. With PEFT the policy runs with the adapter disabled
+        (or DGPO's frozen reference adapter active), through the policy's root, as its training forward does. Neither
+        projects an LM head: `_divergence_pass` uses the head weights.
         """
-        reference = self._reference()
-        with torch.no_grad():
-            if self.ref_model is not None:
-                with _captured_hidden(_causal_lm(reference).base_model) as captured:
-                    self.ref_model(**model_inputs, logits_to_keep=1, use_cache=False)
-                return captured[0]
-            with use_adapter(reference, adapter_name="ref" if "ref" in reference.peft_config else None):
-                return _causal_lm(reference).base_model(**model_inputs, use_cache=False)[0]
+        if self.ref_model is not None:
+            return backbone_forward(self.ref_model, self._reference(), model_inputs)
+        policy = self._policy()
+        adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in policy.peft_config else None
+        with use_adapter(policy, adapter_name=adapter):
+            return backbone_forward(self.model, policy, model_inputs)
 
-    def _policy_hidden(self, model_inputs) -> torch.Tensor:
-        """The policy's last hidden states for a chunk of TRL-built model inputs, from its backbone alone (no grad).
-
-        The backbone is what TRL's fused LM head runs before projecting (`model.base_model`), with the same inputs.
-        The policy's `lm_head` module is never called: under ZeRO-3 such a call before the training forward would
-        corrupt its backward.
-        """
-        with torch.no_grad():
-            return _causal_lm(self._policy()).base_model(**model_inputs, use_cache=False)[0]
+    def _policy_forward(self, model_inputs, head):
+        """`head(the policy's last hidden states)` for a chunk of TRL-built model inputs (no grad), computed inside a
+        forward of the policy's root as TRL's fused LM head computes its log-probs, on the same inputs."""
+        return backbone_forward(self.model, self._policy(), model_inputs, head)
 
     def _captured_policy_hidden(self):
         """Collects the policy backbone's last hidden states from the forwards run inside the block."""
-        return _captured_hidden(_causal_lm(self._policy()).base_model)
+        return captured_hidden_states(causal_lm(self._policy()).base_model)
 
     def _divergence_pass(self, policy_hidden, ref_hidden, labels) -> TokenStatistics:
-        policy_head = _causal_lm(self._policy()).get_output_embeddings()
-        ref_head = _causal_lm(self._reference()).get_output_embeddings()
+        policy_head = causal_lm(self._policy()).get_output_embeddings()
+        ref_head = causal_lm(self._reference()).get_output_embeddings()
         if self.args.cast_lm_head_to_fp32:
             policy_hidden, ref_hidden = policy_hidden.float(), ref_hidden.float()
         # Collective under ZeRO-3 (and FSDP2): every rank runs it once per chunk, whatever its number of tokens
-        with maybe_gather_lm_head_ctx(policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias):
+        with torch.no_grad(), maybe_gather_lm_head_ctx(policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias):
             return token_statistics(
                 policy_hidden,
                 _full(policy_head.weight),
@@ -467,6 +363,19 @@ class DGPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         finally:
             self._loss_inputs = None
+
+    def _save(self, output_dir=None, state_dict=None):
+        # DGPO's frozen reference adapter is not something the user trains: checkpoints, `save_model` and Hub pushes
+        # write the trained adapters only (a resumed or reloaded trainer rebuilds the reference from the model passed)
+        policy = self._policy()
+        adapters = trained_adapters(policy)
+        if adapters is None or REFERENCE_ADAPTER not in policy.peft_config:
+            return super()._save(output_dir, state_dict)
+        policy.save_pretrained = functools.partial(policy.save_pretrained, selected_adapters=adapters)
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            del policy.save_pretrained
 
     def _rows_to_score(self, advantages: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
         """Indices of the completions whose weights matter: those with A_i != 0 (TRL's KL term needs them all)."""

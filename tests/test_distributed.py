@@ -1,9 +1,12 @@
-"""Multi-process DGPO on CPU: DDP, DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks (and the accelerate configs).
+"""Multi-process DGPO on CPU: DDP, DeepSpeed ZeRO-2 and ZeRO-3, FSDP2, on 2 gloo ranks; two nodes; the configs.
 
 Each backend is launched once per module with `accelerate launch` on `tests/distributed/dgpo_worker.py`, which runs a
-few short DGPO trainings in the same pair of processes and dumps what they did (see its docstring): DDP and ZeRO-3 run
-LoRA, a full model with loss-time statistics, and a full model with scoring-time statistics; ZeRO-2 the full model.
-The tests check the dumps from this single process:
+few short trainings in the same pair of processes and dumps what they did (see its docstring): DDP, ZeRO-3 and FSDP2
+run LoRA, a full model with loss-time statistics, and a full model with scoring-time statistics; ZeRO-2 the full
+model; ZeRO-3 and FSDP2 a model changed in memory too; FSDP2 also generation through a stand-in vLLM server, TRL's own
+GRPOTrainer (the control), and a checkpoint-and-resume pair. FSDP2 runs on CPU through accelerate's own FSDP plugin
+(`accelerate_configs/cpu_fsdp2.yaml`) with a test-harness patch for a CPU-only accelerate defect
+(`tests/distributed/cpu_fsdp/sitecustomize.py`; docs/distributed.md). The tests check the dumps from this process:
 
 - the launch really had 2 ranks on the intended backend;
 - after training the parameters are identical on both ranks and differ from the initial model;
@@ -13,11 +16,14 @@ The tests check the dumps from this single process:
   from disk), full-vocabulary float64 softmax, then `dgpo_trl.functional.token_weights`; at scoring time TRL's old
   log-probs too;
 - a rank whose completions all have zero advantage at one step (nothing to score) neither deadlocks nor desynchronises
-  the collectives (ZeRO-3: the same reference forwards and LM-head gathers per step on both ranks);
+  the collectives (ZeRO-3, FSDP2: the same reference forwards and LM-head gathers per step on both ranks);
 - adaptive tau (`dgpo_target_ess`) is the same on both ranks and reaches the target over both ranks' completions;
 - the scoring-time path runs one policy and one reference forward per row chunk;
 - LoRA: no reference model is loaded; the reference is the adapter-disabled base;
-- DDP, ZeRO-2 and ZeRO-3 compute the same weights and the same training updates from the same seeds;
+- the frozen reference is sharded (each rank holds about half of it) under ZeRO-3 and FSDP2;
+- FSDP2: scoring right after an optimizer step works; GRPOTrainer trains; a resumed run reproduces the later steps;
+- DDP, ZeRO-2, ZeRO-3 and FSDP2 compute the same weights and the same training updates from the same seeds;
+- two single-process nodes (ZeRO-3, FSDP2) train exactly like one node with two ranks;
 - other architectures (`ARCHITECTURE_LAUNCHES`: the tied-embedding Qwen2 under ZeRO-3, one more launch of ~50 s) pass
   the same weight recomputation, on their own tiny model.
 
@@ -45,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "dgpo_worker.py"
 CONFIGS = ROOT / "accelerate_configs"
 sys.path.insert(0, str(WORKER.parent))
-from dgpo_worker import LORA, RUN_SETTINGS, SETTINGS  # noqa: E402
+from dgpo_worker import LORA, RESUME_FROM, RUN_SETTINGS, SETTINGS  # noqa: E402
 
 
 slow = pytest.mark.slow  # every test that launches ranks
@@ -59,17 +65,30 @@ LAUNCH_TIMEOUT = 480
 WEIGHT_ATOL = 1e-3
 LOGP_ATOL = 1e-4
 
+# Test harness only: makes accelerate's FSDP plugin run on CPU ranks (see its docstring and docs/distributed.md)
+CPU_FSDP_PATCH = WORKER.parent / "cpu_fsdp"
+
 LAUNCHES = {
     "ddp": ("cpu_ddp.yaml", "lora,full,scoring", {"ACCELERATE_USE_CPU": "true"}),
     "zero2": ("cpu_zero2.yaml", "full", {}),
     "zero3": ("cpu_zero3.yaml", "lora,full,scoring,in_memory", {}),
+    "fsdp2": (
+        "cpu_fsdp2.yaml",
+        "lora,full,scoring,in_memory,server,grpo,checkpointed,resumed",
+        {"PYTHONPATH": str(CPU_FSDP_PATCH)},
+    ),
 }
+# Two single-process "nodes" on this host (`num_machines: 2`, static rendezvous on 127.0.0.1), launched with the
+# commands docs/distributed.md gives (`_two_node_commands` reads them from there); each must train exactly like the
+# same backend's 1 node x 2 ranks launch: name -> (one-node launch it must match, runs)
+NODE_LAUNCHES = {"zero3_nodes": ("zero3", "full,scoring"), "fsdp2_nodes": ("fsdp2", "full,scoring")}
 # Other architectures (`dgpo_trl.tiny.ARCHITECTURES`), each launched once on its own tiny model and checked by
 # `test_architecture_on_two_ranks`: name -> (architecture, config, runs, extra environment)
 ARCHITECTURE_LAUNCHES = {
     # Tied embeddings under ZeRO-3: the LM head DGPO gathers for its divergence pass is the partitioned input embedding
     "zero3_qwen2": ("qwen2", "cpu_zero3.yaml", "full,scoring", {}),
 }
+SHARDED = ("zero3", "fsdp2")  # backends whose forwards are collectives
 
 
 def _free_port() -> int:
@@ -85,32 +104,74 @@ def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("dist") / "tiny", hidden_size=64, num_layers=2, num_heads=4)
 
 
-def _launch(name: str, model: str, out: Path) -> dict:
-    config, runs, extra_env = LAUNCHES[name] if name in LAUNCHES else ARCHITECTURE_LAUNCHES[name][1:]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", **extra_env)
+def _launch_environment(extra_env: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(CONFIGS / config),
-        "--main_process_port", str(_free_port()),
+    for key, value in extra_env.items():
+        env[key] = os.pathsep.join([value, env[key]]) if key == "PYTHONPATH" and env.get(key) else value
+    return env
+
+
+def _two_node_commands(config: str, port: int) -> list[list[str]]:
+    """The two `accelerate launch` commands of docs/distributed.md's two-node check, one per machine rank, with its
+    placeholders filled in (the backend's CPU config, a free port)."""
+    text = (ROOT / "docs" / "distributed.md").read_text()
+    block = text.split("<!-- two-node check: tests/test_distributed.py runs this block -->", 1)[1]
+    block = block.split("```bash", 1)[1].split("```", 1)[0]
+    command = " ".join(line.rstrip("\\").strip() for line in block.splitlines() if not line.lstrip().startswith("#"))
+    command = command.split("accelerate launch", 1)[1].split(" &", 1)[0]
+    commands = []
+    for rank in (0, 1):
+        filled = command.replace("<cpu config>", config).replace("<port>", str(port)).replace("<rank>", str(rank))
+        assert "<" not in filled.split("--model")[0], filled  # every placeholder before the worker's own is known
+        commands.append(filled.split())
+    return commands
+
+
+def _launch(name: str, model: str, out: Path) -> dict:
+    if name in NODE_LAUNCHES:
+        backend, runs = NODE_LAUNCHES[name]
+        config, _, extra_env = LAUNCHES[backend]
+        port = _free_port()
+        commands = [launch[: launch.index("tests/distributed/dgpo_worker.py")] for launch in _two_node_commands(
+            f"accelerate_configs/{config}", port
+        )]
+    else:
+        config, runs, extra_env = LAUNCHES[name] if name in LAUNCHES else ARCHITECTURE_LAUNCHES[name][1:]
+        commands = [["--config_file", str(CONFIGS / config), "--main_process_port", str(_free_port())]]
+    worker_args = [
         str(WORKER), "--model", model, "--out", str(out), "--runs", runs,
         "--steps", str(STEPS), "--starve-rank", str(STARVE_RANK), "--starve-step", str(STARVE_STEP),
     ]  # fmt: skip
     if name in ARCHITECTURE_LAUNCHES:
-        cmd.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor would pick Qwen2Tokenizer for Qwen2)
+        worker_args.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor picks Qwen2Tokenizer for Qwen2)
+    env = _launch_environment(extra_env)
     start = time.perf_counter()
-    # Own process group, so a hung launch (deadlocked ranks) is killed as a whole at the timeout
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    # Each launch in its own process group, so a hung one (deadlocked ranks) is killed as a whole at the timeout; a
+    # second node's launch, too, is stopped by its group id in the end, whatever happened to the first
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", *launch_args, *worker_args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        for launch_args in commands
+    ]
+    logs = []
     try:
-        log, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"{name}: launch did not finish in {LAUNCH_TIMEOUT} s (deadlock?)\n{log[-6000:]}")
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        for proc in procs:
+            try:
+                logs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}: launch did not finish in {LAUNCH_TIMEOUT} s (deadlock?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
     wall = time.perf_counter() - start
-    assert proc.returncode == 0, f"{name}: launch failed with {proc.returncode}\n{log[-8000:]}"
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, f"{name}: launch failed with {proc.returncode}\n{log[-8000:]}"
     results = {
         run: [torch.load(out / f"{run}_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
         for run in runs.split(",")
@@ -149,7 +210,13 @@ def launched(tiny_model, tmp_path_factory):
 
 
 # The runs of a model loaded from the checkpoint the tests recompute against ("in_memory" has its own test)
-RUNS = [(backend, run) for backend, (_, runs, _) in LAUNCHES.items() for run in runs.split(",") if run != "in_memory"]
+# (the others: "in_memory" and "grpo" have their own tests, "resumed" is compared with "checkpointed")
+RUNS = [
+    (backend, run)
+    for backend, (_, runs, _) in LAUNCHES.items()
+    for run in runs.split(",")
+    if run not in ("in_memory", "grpo", "resumed")
+]
 RUN_IDS = [f"{backend}-{run}" for backend, run in RUNS]
 
 
@@ -247,7 +314,9 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None):
 @slow
 @pytest.mark.parametrize("backend", list(LAUNCHES))
 def test_two_ranks_on_the_intended_backend(launched, backend):
-    expected = {"ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3)}[backend]
+    expected = {
+        "ddp": ("MULTI_CPU", None), "zero2": ("DEEPSPEED", 2), "zero3": ("DEEPSPEED", 3), "fsdp2": ("FSDP", None)
+    }[backend]  # fmt: skip
     for run, pair in launched(backend).items():
         assert [r["rank"] for r in pair] == [0, 1]
         for r in pair:
@@ -353,8 +422,8 @@ def test_rank_with_nothing_to_score_does_not_deadlock(launched, backend, run):
     starved_log = [h for h in history if h.get("step") == STARVE_STEP + 1 and "dgpo/scored_fraction" in h]
     assert starved_log and starved_log[0]["dgpo/scored_fraction"] <= 0.5
     steps = range(STEPS)
-    sharded = backend == "zero3"
-    # Reference forwards and divergence passes (LM-head gathers under ZeRO-3) per step. Sharded forwards are
+    sharded = backend in SHARDED
+    # Reference forwards and divergence passes (LM-head gathers under ZeRO-3 and FSDP2) per step. Sharded forwards are
     # collectives: there the starved rank still runs one forward (on a dummy row) and one gather, like the other rank.
     # Without sharding it skips them.
     expected = {0: [1] * STEPS, 1: [0 if s == STARVE_STEP and not sharded else 1 for s in steps]}
@@ -367,9 +436,10 @@ def test_rank_with_nothing_to_score_does_not_deadlock(launched, backend, run):
 
 
 @slow
-def test_zero3_scoring_time_path(launched):
+@pytest.mark.parametrize("backend", SHARDED)
+def test_scoring_time_path_runs_one_joint_pass_per_chunk(launched, backend):
     """steps_per_generation=2 > gradient_accumulation_steps=1: DGPO's joint pass replaces TRL's old-log-prob pass."""
-    rank0, rank1 = launched("zero3")["scoring"]
+    rank0, rank1 = launched(backend)["scoring"]
     chunks = RUN_SETTINGS["scoring"]["steps_per_generation"]  # TRL scores per_device_train_batch_size rows per chunk
     rows = SETTINGS["per_device_train_batch_size"] * chunks
     for result in (rank0, rank1):
@@ -382,19 +452,123 @@ def test_zero3_scoring_time_path(launched):
         assert result["policy_forwards"] == {0: chunks + 1, 1: 1, 2: chunks + 1, 3: 1}
         assert result["ref_forwards"] == {0: chunks, 2: chunks}
         assert result["divergence_passes"] == {0: chunks, 2: chunks}
-    # Weights and old log-probs: test_weights_match_single_process_recomputation[zero3-scoring]
+    # Weights and old log-probs: test_weights_match_single_process_recomputation[<backend>-scoring]
 
 
 @slow
-def test_zero3_reference_of_a_model_changed_in_memory_is_a_copy_of_it(launched, tiny_model):
-    """A model loaded after the config (so ZeRO-3's zero.Init partitions it), noised in memory, and passed as an
-    object: its reference is a sharded copy of it, not the checkpoint its config names."""
+def test_fsdp2_scoring_right_after_an_optimizer_step(launched):
+    """Generation on a server runs nothing on the trainer's model, so DGPO's scoring-time forwards are the first
+    forwards after the optimizer step, when FSDP2 has resharded the root's own parameters (the embedding among them):
+    a backbone called directly failed here ("FSDP requires a single root module", or "mixed torch.Tensor and
+    DTensor"). Through the root, every step scores (TRL's importance-sampling correction asks for old log-probs)."""
+    rank0, rank1 = launched("fsdp2")["server"]
+    for result in (rank0, rank1):
+        assert [(r["step"], r["path"]) for r in result["records"]] == [(s, "scoring") for s in range(STEPS)]
+        # Per step: DGPO's joint pass (one policy and one reference forward) and the training forward, nothing else
+        assert result["policy_forwards"] == {s: 2 for s in range(STEPS)}
+        assert result["ref_forwards"] == {s: 1 for s in range(STEPS)}
+    # Weights and old log-probs against the float64 recomputation: test_weights_match_single_process_recomputation
+
+
+@slow
+def test_fsdp2_grpo_trainer_trains_on_the_same_launch(launched, tiny_model):
+    """The control: TRL's own GRPOTrainer trains under the same FSDP2 launch (the harness, not DGPO, makes it run)."""
     from transformers import AutoModelForCausalLM
 
-    rank0, rank1 = launched("zero3")["in_memory"]
+    rank0, rank1 = launched("fsdp2")["grpo"]
+    assert rank0["distributed_type"] == rank1["distributed_type"] == "FSDP"
+    assert rank0["policy_bytes"]["fsdp_layers"] == rank0["policy_bytes"]["layers"] > 0
+    assert all(torch.equal(value, rank1["final_params"][name]) for name, value in rank0["final_params"].items())
+    disk = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    assert all(not torch.equal(value, disk[name]) for name, value in rank0["final_params"].items())
+    assert len([h for h in rank0["log_history"] if "loss" in h]) == STEPS
+    assert not any(key.startswith("dgpo/") for h in rank0["log_history"] for key in h)
+
+
+@slow
+def test_fsdp2_resume_from_checkpoint_reproduces_the_later_steps(launched):
+    """A trainer resumed from the step-2 checkpoint of a 4-step run (model, optimizer, scheduler, RNG states, all
+    sharded by FSDP2) draws the same completions at steps 2 and 3, computes the same token weights, and ends at the
+    same parameters as the run that was never interrupted."""
+    checkpointed, resumed = launched("fsdp2")["checkpointed"], launched("fsdp2")["resumed"]
+    for rank in (0, 1):
+        later = [r for r in checkpointed[rank]["records"] if r["step"] >= RESUME_FROM]
+        assert [r["step"] for r in resumed[rank]["records"]] == [r["step"] for r in later] == [2, 3]
+        for before, after in zip(later, resumed[rank]["records"]):
+            assert torch.equal(before["completion_ids"], after["completion_ids"]), (rank, before["step"])
+            assert torch.equal(before["rows"], after["rows"])
+            torch.testing.assert_close(after["weights"], before["weights"], atol=1e-6, rtol=0)
+        for name, value in checkpointed[rank]["final_params"].items():
+            torch.testing.assert_close(resumed[rank]["final_params"][name], value, atol=1e-6, rtol=0, msg=name)
+    # The resumed log history is the checkpoint's (steps 1-2) plus its own steps 3-4, with the same losses
+    logged = [[(h["step"], h["loss"]) for h in run[0]["log_history"] if "loss" in h] for run in (checkpointed, resumed)]
+    assert [step for step, _ in logged[1]] == [1, 2, 3, 4]
+    for (step, loss), (_, resumed_loss) in zip(*logged):
+        assert resumed_loss == pytest.approx(loss, rel=1e-5, abs=1e-7), step
+
+
+@slow
+def test_fsdp2_example_script_trains_and_saves(tiny_model, tmp_path):
+    """`examples/dgpo.py` under `cpu_fsdp2.yaml`, launched as fsdp2.yaml's header says (a CPU config, a tiny model):
+    two ranks train two steps with DGPO's metrics, and the saved model (FSDP2's full state dict) is the trained one."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    output_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CONFIGS / "cpu_fsdp2.yaml"), "--main_process_port", str(_free_port()),
+        "examples/dgpo.py", "--model_name_or_path", tiny_model, "--dataset_name", "reversal",
+        "--reward_funcs", "toolkit_fixtures.length_reward", "--max_train_samples", "64",
+        "--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4",
+        "--max_completion_length", "8", "--learning_rate", "1e-3", "--logging_steps", "1", "--bf16", "False",
+        "--gradient_checkpointing", "False", "--report_to", "none", "--save_strategy", "no", "--ddp_backend", "gloo",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    env = _launch_environment({"PYTHONPATH": os.pathsep.join([str(CPU_FSDP_PATCH), str(ROOT / "tests")])})
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-8000:]
+    assert "Model saved to" in log
+    logged = [line for line in log.splitlines() if "'dgpo/scored_fraction'" in line]
+    assert len(logged) == 2, log[-4000:]  # both steps, logged by the main process
+    saved = load_file(output_dir / "model.safetensors")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
+    assert saved.keys() <= initial.keys() and "model.layers.0.self_attn.q_proj.weight" in saved
+    assert all(saved[name].shape == initial[name].shape for name in saved)  # whole tensors, not one rank's shards
+    assert any(not torch.equal(saved[name], initial[name]) for name in saved)  # trained
+
+
+@slow
+@pytest.mark.parametrize("backend", SHARDED)
+def test_reference_is_sharded(launched, backend):
+    """Each rank holds about half of the frozen reference's parameter bytes (ZeRO-3 partitions, FSDP2 shards); under
+    FSDP2 every decoder layer of the reference is a unit of its own, as in the policy, so a reference forward gathers
+    one layer at a time rather than the whole model."""
+    rank0, rank1 = launched(backend)["full"]
+    local = [r["reference_bytes"]["local"] for r in (rank0, rank1)]
+    total = rank0["reference_bytes"]["total"]
+    print(f"\n[distributed] {backend} reference bytes per rank {local} of {total} ({[x / total for x in local]})")
+    for share in local:
+        assert abs(share / total - 0.5) < 0.02, (local, total)
+    assert sum(local) >= total
+    if backend == "fsdp2":
+        layers = rank0["reference_bytes"]
+        assert layers["fsdp_layers"] == layers["layers"] > 0, layers
+
+
+@slow
+@pytest.mark.parametrize("backend", SHARDED)
+def test_reference_of_a_model_changed_in_memory_is_a_copy_of_it(launched, tiny_model, backend):
+    """A model loaded and noised in memory, then passed as an object: its reference is a copy of it, not the checkpoint
+    its config names. Under ZeRO-3 it is loaded after the config, so zero.Init partitions it and the copy is made
+    shard by shard; under FSDP2 the copy is sharded like the policy."""
+    from transformers import AutoModelForCausalLM
+
+    rank0, rank1 = launched(backend)["in_memory"]
     disk = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).state_dict()
     for result in (rank0, rank1):
-        assert result["in_memory"]["partitioned"]  # the zero.Init path of the copy, not a deepcopy
+        assert result["in_memory"]["partitioned"] == (backend == "zero3")  # ZeRO-3: the zero.Init path of the copy
         passed, reference = result["in_memory"]["passed"], result["in_memory"]["reference"]
         assert passed.keys() == reference.keys()
         assert all(torch.equal(reference[name], passed[name]) for name in passed)
@@ -410,7 +584,7 @@ def test_zero3_reference_of_a_model_changed_in_memory_is_a_copy_of_it(launched, 
 
 
 @slow
-@pytest.mark.parametrize("backend", ["ddp", "zero3"])
+@pytest.mark.parametrize("backend", ["ddp", "zero3", "fsdp2"])
 def test_lora_reference_is_the_adapter_disabled_policy(launched, backend):
     for result in launched(backend)["lora"]:
         assert result["ref_model_is_none"]
@@ -426,17 +600,19 @@ def test_lora_reference_is_the_adapter_disabled_policy(launched, backend):
     # test_weights_match_single_process_recomputation[<backend>-lora]
 
 
-CROSS_BACKEND = {"full": ("ddp", "zero2", "zero3"), "lora": ("ddp", "zero3"), "scoring": ("ddp", "zero3")}
+CROSS_BACKEND = {
+    "full": ("ddp", "zero2", "zero3", "fsdp2"), "lora": ("ddp", "zero3", "fsdp2"), "scoring": ("ddp", "zero3", "fsdp2")
+}  # fmt: skip
 
 
 @slow
 @pytest.mark.parametrize("run", list(CROSS_BACKEND))
 def test_weights_identical_whichever_backend(launched, run):
-    """DDP, ZeRO-2 and ZeRO-3 run the same seeds on the same data. Where a rank drew the same completions at a step
+    """DDP, ZeRO-2, ZeRO-3 and FSDP2 run the same seeds on the same data. Where a rank drew the same completions at a step
     (all of them here: sampling is seeded per rank, and the parameters agree to float precision), it must have
     computed the same token weights; with the same completions throughout, training ends at the same parameters
-    (ZeRO-3 and LoRA included: DGPO's extra forwards and LM-head gathers between the training forward and backward do
-    not disturb the gradients)."""
+    (ZeRO-3, FSDP2 and LoRA included: DGPO's extra forwards and LM-head gathers between the training forward and
+    backward do not disturb the gradients)."""
     backends = CROSS_BACKEND[run]
     results = {backend: launched(backend)[run] for backend in backends}
     compared = identical = 0
@@ -467,6 +643,31 @@ def test_weights_identical_whichever_backend(launched, run):
                     continue
                 relative = ((update - reference_update).norm() / reference_update.norm()).item()
                 assert relative < 1e-2, (backend, name, relative)
+
+
+@slow
+@pytest.mark.parametrize("name", list(NODE_LAUNCHES))
+def test_two_nodes_train_like_one_node(launched, tiny_model, name):
+    """Two `accelerate launch` processes, `num_machines: 2`, machine ranks 0 and 1, one process each, static
+    rendezvous on 127.0.0.1 (docs/distributed.md's commands): the same global ranks as the 1 node x 2 ranks launch of
+    that backend, so the same completions, the same token weights and the same trained parameters, bit for bit."""
+    one_node, runs = NODE_LAUNCHES[name]
+    two_nodes = launched(name)
+    for run in runs.split(","):
+        for rank in (0, 1):
+            result, single = two_nodes[run][rank], launched(one_node)[run][rank]
+            # One process per machine: each is local rank 0 of a node of its own
+            assert result["world_size"] == 2 and result["machine"]["LOCAL_WORLD_SIZE"] == "1", result["machine"]
+            assert result["machine"]["LOCAL_RANK"] == "0" and result["machine"]["GROUP_RANK"] == str(rank)
+            assert result["distributed_type"] == single["distributed_type"]
+            assert [r["step"] for r in result["records"]] == [r["step"] for r in single["records"]]
+            for ours, theirs in zip(result["records"], single["records"]):
+                assert torch.equal(ours["completion_ids"], theirs["completion_ids"]), (run, rank, ours["step"])
+                assert torch.equal(ours["weights"], theirs["weights"]), (run, rank, ours["step"])
+            for param, value in single["final_params"].items():
+                assert torch.equal(result["final_params"][param], value), (run, rank, param)
+        compared, spread = _check_weights(tiny_model, two_nodes[run], peft=False)
+        assert compared > 100 and spread > 0.02
 
 
 @slow
@@ -524,6 +725,7 @@ EXPECTED_CONFIGS = {
     "cpu_ddp.yaml": ("MULTI_GPU", 2, 1, "no", None),
     "cpu_zero2.yaml": ("DEEPSPEED", 2, 1, "no", 2),
     "cpu_zero3.yaml": ("DEEPSPEED", 2, 1, "no", 3),
+    "cpu_fsdp2.yaml": ("FSDP", 2, 1, "no", None),
 }
 
 
@@ -546,8 +748,11 @@ def test_accelerate_config(name):
     assert config.distributed_type.value == kind
     assert (config.num_processes, config.num_machines, str(config.mixed_precision)) == (processes, machines, precision)
     assert (config.deepspeed_config or {}).get("zero_stage") == stage
-    if name == "fsdp2.yaml":
+    if name in ("fsdp2.yaml", "cpu_fsdp2.yaml"):
         assert config.fsdp_config["fsdp_version"] == 2
+    if name == "cpu_fsdp2.yaml":  # the CPU check shards like the GPU config
+        gpu = load_config_from_file(str(CONFIGS / "fsdp2.yaml")).fsdp_config
+        assert {k: v for k, v in config.fsdp_config.items()} == gpu
     if machines > 1:
         assert "--machine_rank" in header and "--main_process_ip" in header
 

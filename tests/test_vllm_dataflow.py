@@ -136,7 +136,7 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
     from trl import GRPOTrainer
 
     from dgpo_trl.functional import token_weights
-    from dgpo_trl.trainer import _causal_lm
+    from dgpo_trl.reference import causal_lm as _causal_lm
 
     trainer = _make_trainer(tiny_model, tmp_path, beta=beta, mode=mode)
     policy = _causal_lm(trainer._policy())

@@ -14,6 +14,13 @@ Runs:
   lora     LoRA (PEFT) DGPO, loss time: the reference is the policy with its adapter disabled; no second model.
   in_memory  full-model DGPO on a model passed as an object and changed in memory after loading (noised weights; under
            ZeRO-3 loaded after the config, so `zero.Init` partitions it): its reference must be a copy of it.
+  server   full-model DGPO generating through TRL's vLLM server branch with a stand-in engine (`StandInServer`) and
+           TRL's importance-sampling correction: scoring time, and nothing runs on the trainer's model between an
+           optimizer step and DGPO's scoring-time forwards (generation happens elsewhere), as with a real server.
+  grpo     TRL's own GRPOTrainer on the same launch and settings (the control: the launch itself trains).
+  checkpointed, resumed
+           full-model DGPO for 4 steps saving a checkpoint at step 2; then a new trainer resumes from it and trains
+           steps 2-3 again (the test compares the two).
 With --starve-step S (loss-time runs), at global step S every completion on rank --starve-rank gets the same reward, so
 that rank has no completion with a nonzero advantage and nothing to score (the dummy-forward path under ZeRO-3).
 
@@ -56,7 +63,13 @@ RUN_SETTINGS = {
     "scoring": {"steps_per_generation": 2},  # > gradient_accumulation_steps = 1: scoring-time statistics
     "lora": {"learning_rate": 3e-2},
     "in_memory": {},
+    # TRL asks for old log-probs to correct for the engine's sampling log-probs: scoring time at every step
+    "server": {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "token_truncate"},
+    "grpo": {},
+    "checkpointed": {"save_strategy": "steps", "save_steps": 2},
+    "resumed": {"save_strategy": "steps", "save_steps": 2},
 }
+RESUME_STEPS, RESUME_FROM = 4, 2  # the checkpointed run's steps, and the step of the checkpoint the resumed run loads
 IN_MEMORY_NOISE = 0.05  # std of the noise added to the loaded weights: the in-memory model is not the checkpoint
 
 
@@ -74,7 +87,9 @@ def digit_fraction_reward(completions, trainer_state=None, **kwargs):
 
 
 def full_parameters(model, zero3: bool) -> dict[str, torch.Tensor]:
-    """A CPU copy of every parameter, gathered first under ZeRO-3 (a collective: every rank must call it)."""
+    """A CPU copy of every parameter, gathered first under ZeRO-3 or FSDP2 (a collective: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
     params = list(model.named_parameters())
     if zero3:
         import deepspeed
@@ -83,7 +98,61 @@ def full_parameters(model, zero3: bool) -> dict[str, torch.Tensor]:
     else:
         ctx = nullcontext()
     with torch.no_grad(), ctx:
-        return {name: p.detach().clone().cpu() for name, p in params}
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone().cpu() for name, p in params}
+
+
+def parameter_bytes(model) -> dict:
+    """The bytes of `model`'s parameters this rank holds, and the bytes of the whole model (ZeRO-3 partitions, FSDP2
+    DTensor shards, or whole tensors), plus how many of its decoder layers are FSDP2 units of their own."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    local = total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_id"):  # ZeRO-3: the partition this rank owns
+            local += param.ds_tensor.numel() * param.element_size()
+            total += param.ds_numel * param.element_size()
+        elif isinstance(param, DTensor):
+            local += param.to_local().numel() * param.element_size()
+            total += param.numel() * param.element_size()
+        else:
+            local += param.numel() * param.element_size()
+            total += param.numel() * param.element_size()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    return {
+        "local": local,
+        "total": total,
+        "layers": len(layers),
+        "fsdp_layers": sum(isinstance(m, FSDPModule) for m in layers),
+    }
+
+
+class StandInServer:
+    """Stands in for TRL's `VLLMGeneration` in server mode: returns completions sampled elsewhere (random tokens from a
+    per-rank seeded generator, some ending with EOS) and per-token sampling log-probs near the trainer's, without
+    running the trainer's model, as a real server does."""
+
+    def __init__(self, vocab_size: int, eos_token_id: int, max_completion_length: int, seed: int):
+        self.vocab_size, self.eos_token_id, self.max_len = vocab_size, eos_token_id, max_completion_length
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        import math
+
+        g = self.generator
+        completion_ids, logprobs = [], []
+        for i, _ in enumerate(prompts):
+            length = int(torch.randint(2, self.max_len + 1, (1,), generator=g))
+            ids = torch.randint(4, self.vocab_size, (length,), generator=g).tolist()
+            if i % 3 != 0:
+                ids[-1] = self.eos_token_id
+            completion_ids.append(ids)
+            lps = (-math.log(self.vocab_size) + 0.05 * torch.randn(length, generator=g)).tolist()
+            logprobs.append([[lp] for lp in lps])
+        return [list(p) for p in prompts], completion_ids, logprobs, None
 
 
 def char_tokenizer(model_dir: str):
@@ -107,22 +176,27 @@ def count_causal_lms() -> int:
 def run(name: str, cli, dataset, out: Path) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
 
-    import dgpo_trl.trainer as dgpo_trainer
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.trainer import _causal_lm
 
     rank = int(os.environ["RANK"])
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    dgpo = name != "grpo"
     settings = dict(SETTINGS, **RUN_SETTINGS[name])
     steps = cli.steps + (1 if name == "scoring" else 0)  # two generations at steps 0 and 2
-    args = DGPOConfig(
-        output_dir=str(out / f"ckpt_{name}"),
+    if name in ("checkpointed", "resumed"):
+        steps = RESUME_STEPS
+    if not dgpo:
+        settings = {key: value for key, value in settings.items() if not key.startswith("dgpo_")}
+    args = (DGPOConfig if dgpo else GRPOConfig)(
+        output_dir=str(out / f"ckpt_{'checkpointed' if name == 'resumed' else name}"),
         max_steps=steps,
         lr_scheduler_type="constant",
         logging_steps=1,
         report_to="none",
-        save_strategy="no",
+        save_strategy=settings.pop("save_strategy", "no"),
         bf16=False,
         gradient_checkpointing=False,
         disable_tqdm=True,
@@ -130,8 +204,8 @@ def run(name: str, cli, dataset, out: Path) -> None:
         ddp_backend="gloo",
         # A rank stuck in a collective (a deadlock) raises after this long instead of hanging the launch
         ddp_timeout=cli.ddp_timeout,
-        # DDP on CPU needs use_cpu; DeepSpeed must not have it (accelerate would then drop DeepSpeed)
-        use_cpu=not use_deepspeed,
+        # DDP on CPU needs use_cpu; DeepSpeed and FSDP must not have it (accelerate would then drop them for DDP)
+        use_cpu=not (use_deepspeed or use_fsdp),
         **settings,
     )
     peft_config = None
@@ -169,14 +243,14 @@ def run(name: str, cli, dataset, out: Path) -> None:
         """Parameters at the start of every step: weights computed during step k use `states[k]`."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            states[state.global_step] = full_parameters(trainer._policy(), zero3)
+            states[state.global_step] = full_parameters(trainer.accelerator.unwrap_model(trainer.model), zero3)
             if in_memory:
                 in_memory["reference"] = full_parameters(trainer._reference(), zero3)
 
         def on_step_end(self, args, state, control, **kwargs):
-            states[state.global_step] = full_parameters(trainer._policy(), zero3)
+            states[state.global_step] = full_parameters(trainer.accelerator.unwrap_model(trainer.model), zero3)
 
-    trainer = DGPOTrainer(
+    trainer = (DGPOTrainer if dgpo else GRPOTrainer)(
         model,
         reward_funcs=digit_fraction_reward,
         args=args,
@@ -194,9 +268,73 @@ def run(name: str, cli, dataset, out: Path) -> None:
     # A launcher that silently started independent single processes must fail here, not pass vacuously
     assert world == 2 and accelerator.num_processes == 2, (world, accelerator.num_processes)
     assert use_deepspeed == (accelerator.distributed_type.value == "DEEPSPEED"), accelerator.distributed_type
+    assert use_fsdp == (accelerator.distributed_type.value == "FSDP"), accelerator.distributed_type
+    if name == "server":
+        # TRL's vLLM branch (server mode) with a stand-in engine: the trainer's model does not generate
+        trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, "server", -1
+        tokenizer = trainer.processing_class
+        trainer.vllm_generation = StandInServer(len(tokenizer), tokenizer.eos_token_id, args.max_completion_length, rank)
+
+    records = []
+    ref_forwards, divergence_passes, policy_forwards = Counter(), Counter(), Counter()
+    undo = instrument(trainer, records, ref_forwards, divergence_passes, policy_forwards) if dgpo else []
+
+    start = time.perf_counter()
+    checkpoint = out / "ckpt_checkpointed" / f"checkpoint-{RESUME_FROM}"
+    trainer.train(resume_from_checkpoint=str(checkpoint) if name == "resumed" else None)
+    train_seconds = time.perf_counter() - start
+    for undo_one in undo:
+        undo_one()
+
+    final = full_parameters(accelerator.unwrap_model(trainer.model), zero3)
+    result = {
+        "run": name,
+        "rank": rank,
+        "world_size": world,
+        "num_processes": accelerator.num_processes,
+        "machine": {key: os.environ.get(key) for key in ("LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")},
+        "distributed_type": accelerator.distributed_type.value,
+        "zero_stage": zero_stage,
+        "ref_model_is_none": trainer.ref_model is None,
+        "reference_bytes": None if trainer.ref_model is None else parameter_bytes(trainer.ref_model),
+        "policy_bytes": parameter_bytes(trainer.model),
+        "is_peft": name == "lora",
+        "causal_lms_before": models_before,
+        "causal_lms_after": models_after,
+        "records": records,
+        "ref_forwards": dict(ref_forwards),
+        "policy_forwards": dict(policy_forwards),
+        "divergence_passes": dict(divergence_passes),
+        "final_params": final,
+        "train_seconds": train_seconds,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "settings": dict(settings, steps_per_generation=args.steps_per_generation, max_steps=steps),
+        "in_memory": in_memory,
+    }
+    if rank == 0:
+        result["states"] = states
+        result["log_history"] = trainer.state.log_history
+    torch.save(result, out / f"{name}_rank{rank}.pt")
+    if rank == 0:
+        (out / f"{name}_log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+    # Free this run's engine before the next one (the model count of a later run must not see it)
+    trainer.accelerator.free_memory()
+    del trainer, states, records, final, model, in_memory
+    gc.collect()
+    dist.barrier()
+
+
+def instrument(trainer, records, ref_forwards, divergence_passes, policy_forwards) -> list:
+    """Records every `_apply_token_weights` call (into `records`) and counts, per global step, reference-backbone
+    forwards, divergence passes (LM-head gathers under ZeRO-3) and policy-backbone forwards outside generation
+    (training forward, plus scoring-time joint passes). Returns the callables that undo it, to run after training."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    import dgpo_trl.trainer as dgpo_trainer
+    from dgpo_trl.reference import causal_lm
 
     trainer.num_completions_to_show = 10**6  # keep every scored completion's weights in `last_token_weights`
-    records = []
     original_apply = trainer._apply_token_weights
 
     taus = []
@@ -251,9 +389,6 @@ def run(name: str, cli, dataset, out: Path) -> None:
             generating.pop()
         return logps
 
-    # Collective work per step: reference-backbone forwards and divergence passes (LM-head gathers under ZeRO-3), and
-    # policy-backbone forwards outside generation (training forward, plus scoring-time joint passes)
-    ref_forwards, divergence_passes, policy_forwards = Counter(), Counter(), Counter()
     generating = []
     original_generate = trainer._generate
 
@@ -268,8 +403,6 @@ def run(name: str, cli, dataset, out: Path) -> None:
 
     # With LoRA the reference pass runs the policy's own backbone with the adapter disabled: tell the two apart by
     # PEFT's flag on an adapter layer at call time
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     adapter_layers = [m for m in trainer._policy().modules() if isinstance(m, BaseTunerLayer)]
 
     def count_policy_backbone_forward(*a):
@@ -278,10 +411,10 @@ def run(name: str, cli, dataset, out: Path) -> None:
         elif not generating:
             policy_forwards.update([trainer.state.global_step])
 
-    policy_backbone = _causal_lm(trainer._policy()).base_model
+    policy_backbone = causal_lm(trainer._policy()).base_model
     handles = [policy_backbone.register_forward_hook(count_policy_backbone_forward)]
     if trainer.ref_model is not None:
-        ref_backbone = _causal_lm(trainer.accelerator.unwrap_model(trainer.ref_model)).base_model
+        ref_backbone = causal_lm(trainer.accelerator.unwrap_model(trainer.ref_model)).base_model
         handles.append(ref_backbone.register_forward_hook(lambda *a: ref_forwards.update([trainer.state.global_step])))
     original_divergence = trainer._divergence_pass
 
@@ -290,55 +423,17 @@ def run(name: str, cli, dataset, out: Path) -> None:
         return original_divergence(*a, **k)
 
     trainer._divergence_pass = counting_divergence
-
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    for handle in handles:
-        handle.remove()
-    dgpo_trainer.tau_for_target_ess = original_tau_search
-
-    final = full_parameters(trainer._policy(), zero3)
-    result = {
-        "run": name,
-        "rank": rank,
-        "world_size": world,
-        "num_processes": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-        "zero_stage": zero_stage,
-        "ref_model_is_none": trainer.ref_model is None,
-        "is_peft": name == "lora",
-        "causal_lms_before": models_before,
-        "causal_lms_after": models_after,
-        "records": records,
-        "ref_forwards": dict(ref_forwards),
-        "policy_forwards": dict(policy_forwards),
-        "divergence_passes": dict(divergence_passes),
-        "final_params": final,
-        "train_seconds": train_seconds,
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "settings": dict(settings, steps_per_generation=args.steps_per_generation, max_steps=steps),
-        "in_memory": in_memory,
-    }
-    if rank == 0:
-        result["states"] = states
-        result["log_history"] = trainer.state.log_history
-    torch.save(result, out / f"{name}_rank{rank}.pt")
-    if rank == 0:
-        (out / f"{name}_log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-
-    # Free this run's engine before the next one (the model count of a later run must not see it)
-    trainer.accelerator.free_memory()
-    del trainer, states, records, final, model, in_memory
-    gc.collect()
-    dist.barrier()
+    return [handle.remove for handle in handles] + [lambda: setattr(dgpo_trainer, "tau_for_target_ess", original_tau_search)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved tiny model (dgpo_trl.tiny.build_tiny_model)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", default="full", help="comma-separated: full, scoring, lora, in_memory")
+    parser.add_argument(
+        "--runs", default="full",
+        help="comma-separated: full, scoring, lora, in_memory, server, grpo, checkpointed, resumed",
+    )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--starve-rank", type=int, default=1)
     parser.add_argument("--starve-step", type=int, default=None)
