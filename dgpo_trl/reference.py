@@ -180,6 +180,8 @@ def prepare_reference_model(trainer, ref_model: torch.nn.Module) -> torch.nn.Mod
     ref_model.requires_grad_(False)
     if trainer.args.disable_dropout:
         disable_dropout_in_model(ref_model)
+    if trainer.args.cast_lm_head_to_fp32:
+        cast_lm_head_to_fp32(ref_model)
     add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled:
@@ -196,6 +198,21 @@ def prepare_reference_model(trainer, ref_model: torch.nn.Module) -> torch.nn.Mod
                     prepare_fsdp(module, accelerator)
         return prepare_fsdp(ref_model, accelerator)
     return accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+
+def cast_lm_head_to_fp32(model: torch.nn.Module) -> None:
+    """What `GRPOTrainer.__init__` does to the policy's (and its own reference's) LM head for `cast_lm_head_to_fp32`:
+    the head's weights in float32, a head call in float32, and with tied embeddings the embedding's output cast back to
+    the model's dtype. The reference's head is then what the policy's is (the same values: an exact upcast), so TRL's
+    fused head, which reads the weight in float32 under that option, scores either model."""
+    head = model.get_output_embeddings()
+    dtype = head.weight.dtype
+    head.float()
+    head.forward = lambda hidden: torch.nn.functional.linear(
+        hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float()
+    )
+    if model.config.get_text_config().tie_word_embeddings:
+        model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(dtype))
 
 
 class ReferenceKernels(TrainerCallback):

@@ -44,6 +44,8 @@ from .reference import (
 
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
+# Model inputs that hold one row per completion, so a subset of completions is a subset of their rows
+_PER_ROW_INPUTS = {"input_ids", "attention_mask"}
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -109,6 +111,18 @@ class _JointPass:
         # Position t's hidden state predicts token t + 1; only completion tokens carry a label
         targets = labels[:, 1:]
         mask = targets != -100
+        per_position = TokenStatistics(*(mask.new_zeros(mask.shape, dtype=torch.float32) for _ in TokenStatistics._fields))
+        self.chunks.append(per_position)
+        if self.scoring:
+            # Rows without a completion token (e.g. truncated and masked) need neither forward
+            rows = trainer._forward_rows(mask.any(-1), subset_allowed=model_inputs.keys() <= _PER_ROW_INPUTS)
+            if len(rows) < len(mask):
+                model_inputs = {key: value[rows] for key, value in model_inputs.items()}
+        else:  # the caller forwards only the rows it scores
+            rows = torch.arange(len(mask), device=mask.device)
+        if len(rows) == 0:
+            return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
+        targets, mask = targets[rows], mask[rows]
         ref_hidden = trainer._reference_hidden(model_inputs)[:, :-1][mask]
 
         def statistics(policy_hidden):
@@ -117,10 +131,10 @@ class _JointPass:
         if self.scoring:
             stats = trainer._policy_forward(model_inputs, statistics)
         else:
-            stats = statistics(self.policy_hidden[self.rows_done : self.rows_done + labels.shape[0]])
-            self.rows_done += labels.shape[0]
-        per_position = TokenStatistics(*(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in stats))
-        self.chunks.append(per_position)
+            stats = statistics(self.policy_hidden[self.rows_done : self.rows_done + len(rows)])
+            self.rows_done += len(rows)
+        for field, values in zip(per_position, stats):
+            field[rows] = values.new_zeros(mask.shape).masked_scatter(mask, values)
         return SimpleNamespace(log_probs=per_position.policy_logps, entropy=per_position.entropy, aux_loss=None)
 
     def completion_statistics(self, logits_to_keep: int) -> TokenStatistics:
@@ -318,10 +332,11 @@ class DGPOTrainer(GRPOTrainer):
             self.beta = beta
             joint, self._scoring = self._scoring, None
         if joint.chunks:
-            # TRL asked for pi_old log-probs, and DGPO's pass gave them, with its statistics, for every row
-            completion_ids = output["completion_ids"]
-            rows = torch.arange(completion_ids.size(0), device=completion_ids.device)
-            self._apply_token_weights(output, joint.completion_statistics(completion_ids.size(1)), rows)
+            # TRL asked for pi_old log-probs, and DGPO's pass gave them, with its statistics, for every row that has a
+            # completion token
+            rows = self._valid_mask(output).any(-1).nonzero().squeeze(-1)
+            stats = joint.completion_statistics(output["completion_ids"].size(1))
+            self._apply_token_weights(output, TokenStatistics(*(x[rows] for x in stats)), rows)
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
@@ -342,16 +357,16 @@ class DGPOTrainer(GRPOTrainer):
             )
         kwargs.update(batch_size=None, compute_entropy=False, compute_aux_loss=False)
         multimodal = any(value is not None for key, value in kwargs.items() if key not in _SCORING_OPTIONS)
-        rows = self._rows_to_score(inputs["advantages"], subset_allowed=not multimodal)
-        # A sharded model's forward is a collective: a rank with nothing to score still runs one (on row 0, discarded)
-        forward_rows = rows if len(rows) or not self._collective_forwards else rows.new_zeros(1)
+        wanted = self._rows_wanted(inputs)
+        forward_rows = self._forward_rows(wanted, subset_allowed=not multimodal)
         joint = _JointPass(self, policy_hidden=torch.cat(captured, dim=0)[forward_rows])
         if len(forward_rows):
             super()._get_per_token_logps_and_entropies(
                 joint, input_ids[forward_rows], attention_mask[forward_rows], logits_to_keep, **kwargs
             )
         stats = joint.completion_statistics(logits_to_keep)
-        self._apply_token_weights(inputs, TokenStatistics(*(x[: len(rows)] for x in stats)), rows)
+        scored = wanted[forward_rows]
+        self._apply_token_weights(inputs, TokenStatistics(*(x[scored] for x in stats)), forward_rows[scored])
         return result
 
     def _compute_loss(self, model, inputs):
@@ -377,11 +392,30 @@ class DGPOTrainer(GRPOTrainer):
         finally:
             del policy.save_pretrained
 
-    def _rows_to_score(self, advantages: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
-        """Indices of the completions whose weights matter: those with A_i != 0 (TRL's KL term needs them all)."""
-        if self.dgpo.skip_zero_advantage and self.beta == 0.0 and subset_allowed:
-            return (advantages != 0).nonzero().squeeze(-1)
-        return torch.arange(advantages.size(0), device=advantages.device)
+    @staticmethod
+    def _valid_mask(inputs: dict) -> torch.Tensor:
+        """The tokens a completion's weights are spread over: its completion tokens minus tool outputs, (B, T) bool."""
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        return mask.bool()
+
+    def _rows_wanted(self, inputs: dict) -> torch.Tensor:
+        """(B,) bool: the completions whose weights matter at loss time, those with a valid token and, unless TRL's
+        KL term needs the reference log-probs of every one (beta != 0), a nonzero advantage (A_i * w_t = 0)."""
+        wanted = self._valid_mask(inputs).any(-1)
+        if self.dgpo.skip_zero_advantage and self.beta == 0.0:
+            wanted &= inputs["advantages"] != 0
+        return wanted
+
+    def _forward_rows(self, wanted: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
+        """Indices of the rows to run DGPO's forwards on: the `wanted` ones, or all of them where the model inputs
+        cannot be split by row (multimodal inputs)."""
+        if not subset_allowed:
+            return torch.arange(len(wanted), device=wanted.device)
+        rows = wanted.nonzero().squeeze(-1)
+        # A sharded model's forward is a collective: a rank with nothing to score still runs one (on row 0, discarded)
+        return rows if len(rows) or not self._collective_forwards else rows.new_zeros(1)
 
     @property
     def _collective_forwards(self) -> bool:
@@ -400,10 +434,7 @@ class DGPOTrainer(GRPOTrainer):
         `stats` holds the statistics of the completions `rows`, each field (len(rows), T). The other completions
         have A_i = 0, so their weights never reach the loss; they keep w = 1.
         """
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        mask = mask.bool()
+        mask = self._valid_mask(inputs)
         advantages = inputs["advantages"]
         scored_mask = mask[rows]
         divergence = stats.divergence(self.dgpo.score)
@@ -436,8 +467,10 @@ class DGPOTrainer(GRPOTrainer):
                 "mask": mask[shown].cpu(),
                 "advantages": advantages[shown].cpu(),
             }
-        if self.beta != 0.0:  # every row was scored (see `_rows_to_score`)
-            inputs["ref_per_token_logps"] = stats.ref_logps
+        if self.beta != 0.0:  # every row with a valid token was scored (see `_rows_wanted`); the others have no KL term
+            ref_logps = torch.zeros_like(weights)
+            ref_logps[rows] = stats.ref_logps
+            inputs["ref_per_token_logps"] = ref_logps
         self._log_dgpo_metrics(stats, divergence, scores, scored_weights, scored_mask, tau, len(advantages))
 
     def _log_dgpo_metrics(self, stats, divergence, scores, weights, mask, tau, batch_rows) -> None:

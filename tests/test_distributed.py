@@ -271,7 +271,7 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None):
         reference = _policy_at(model_dir, reference_state, peft=False)
     vocab = reference.config.vocab_size
     policies = {}
-    compared, all_weights = 0, []
+    compared, all_weights, errors = 0, [], {"weights": 0.0, "old log-probs": 0.0}
     for result in result_pair:
         for record in result["records"]:
             if len(record["rows"]) == 0:
@@ -302,8 +302,12 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None):
                     record["old_per_token_logps"][mask], record["trl_old_per_token_logps"][mask], atol=1e-5, rtol=0,
                     msg=lambda m: f"{where} old log-probs vs TRL's: {m}",
                 )  # fmt: skip
+                error = (record["old_per_token_logps"][mask] - label_logps[mask]).abs().max().item()
+                errors["old log-probs"] = max(errors["old log-probs"], error)
             compared += int(mask.sum())
             all_weights.append(record["weights"][mask])
+            errors["weights"] = max(errors["weights"], (record["weights"][mask] - expected[mask]).abs().max().item())
+    print(f"\n[distributed] max error vs float64, {compared} tokens: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return compared, torch.cat(all_weights).std().item()
 
 
