@@ -307,7 +307,9 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None):
             compared += int(mask.sum())
             all_weights.append(record["weights"][mask])
             errors["weights"] = max(errors["weights"], (record["weights"][mask] - expected[mask]).abs().max().item())
-    print(f"\n[distributed] max error vs float64, {compared} tokens: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    label = f"{result_pair[0]['distributed_type']} {result_pair[0]['run']} ({result_pair[0]['machine']['LOCAL_WORLD_SIZE']} per node)"
+    print(f"\n[distributed] {label}: max error vs float64 over {compared} tokens: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return compared, torch.cat(all_weights).std().item()
 
 
