@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import textwrap
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -242,6 +243,20 @@ class DGPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "dgpo"]
     _name = "DGPO"
+    # The model card's "trained with DGPO, a method introduced in ..." and its citation; GRPOTrainer's would credit
+    # DGPO to the GRPO paper. The year is the arXiv identifier's (2605: May 2026); the paper's text gives none.
+    _paper = {
+        "title": "DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment",
+        "id": "2605.03327",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{jin2026dgpo,
+                title        = {{DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment}},
+                author       = {Hongbo Jin and Rongpeng Zhu and Zhongjing Du and Xu Jiang and Jingqi Tian and Qiaoman Zhang and Jiayu Ding},
+                year         = 2026,
+                eprint       = {arXiv:2605.03327},
+            }"""),
+    }
 
     def __init__(self, model, reward_funcs=None, args=None, *trainer_args, **trainer_kwargs):
         if args is None:
