@@ -129,20 +129,33 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-def _check_prompt_column(dataset, name: str) -> None:
-    """GRPOTrainer reads every example's prompt from a "prompt" column, and fails on the first batch with a bare
-    `KeyError` when there is none: say so at construction, naming the columns the dataset has."""
+def _check_prompt_column(dataset, name: str, environment: bool = False) -> None:
+    """Refuses, at construction, a dataset GRPOTrainer could only fail on or silently not use, saying what is wrong.
+
+    An empty dataset (GRPOTrainer would train zero steps, or evaluate nothing, without a word). A dataset without a
+    "prompt" column, unless an `environment_factory` builds the prompts (`environment=True`: TRL 1.16 then trains on a
+    dataset with, e.g., only an "environment" column): GRPOTrainer reads every prompt from that column and would fail
+    on the first batch with a bare `KeyError`.
+    """
     if isinstance(dataset, dict):  # DatasetDict, or a dict of eval datasets
         for key, value in dataset.items():
-            _check_prompt_column(value, f"{name}[{key!r}]")
+            _check_prompt_column(value, f"{name}[{key!r}]", environment)
         return
+    if dataset is None or not hasattr(dataset, "__len__"):  # IterableDataset: no length, maybe unknown features
+        return
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{name} is empty (0 rows): there is nothing to {'evaluate' if name.startswith('eval') else 'train'} on. "
+            "Check the split, or any filter applied to it."
+        )
     columns = getattr(dataset, "column_names", None)
-    if columns is None or "prompt" in columns:  # IterableDataset with unknown features: nothing to check yet
+    if environment or columns is None or "prompt" in columns:
         return
     raise ValueError(
         f"{name} has no 'prompt' column, which GRPOTrainer and DGPOTrainer read each example's prompt from; its "
         f"columns are {list(columns)}. Rename the column that holds the prompts, e.g. "
-        f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`."
+        f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`, or pass an "
+        "`environment_factory` whose environments build the prompts."
     )
 
 
@@ -270,7 +283,7 @@ class DGPOTrainer(GRPOTrainer):
         ).arguments
         peft_config = given.get("peft_config")
         for name in ("train_dataset", "eval_dataset"):
-            _check_prompt_column(given.get(name), name)
+            _check_prompt_column(given.get(name), name, environment=given.get("environment_factory") is not None)
         wrapped_peft_model = not isinstance(model, str) and is_peft_model(model)
         if needs_reference and peft_config is None and wrapped_peft_model:
             # A pretrained adapter: the reference is the initial policy, base model plus this adapter, kept as a frozen

@@ -384,6 +384,89 @@ def test_a_dataset_without_a_prompt_column_fails_at_construction(tiny_model_path
                     train_dataset=prompts, eval_dataset={"held_out": questions})
 
 
+def test_an_empty_dataset_is_called_empty(tiny_model_path, reversal_train_dataset, tmp_path):
+    from datasets import Dataset
+
+    # GRPOTrainer would train zero steps (or evaluate nothing) without a word; a filter that removed every row
+    for empty in (Dataset.from_list([]), Dataset.from_dict({"prompt": [], "answer": []})):
+        with pytest.raises(ValueError, match=r"^train_dataset is empty \(0 rows\): there is nothing to train on"):
+            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)), train_dataset=empty)
+        with pytest.raises(ValueError, match=r"^eval_dataset\['held_out'\] is empty \(0 rows\)"):
+            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                        train_dataset=reversal_train_dataset, eval_dataset={"held_out": empty})
+
+
+class _ScoredEnvironment:  # owns its reward
+    def reset(self, **kwargs): ...
+
+    def act(self, x: int) -> int:
+        """
+        Act.
+
+        Args:
+            x: A value.
+
+        Returns:
+            The value.
+        """
+        return x
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+class _PlainEnvironment:  # no `get_reward`; scored by `reward_funcs`
+    def reset(self, **kwargs): ...
+
+    def play(self, x: int) -> int:
+        """
+        Play.
+
+        Args:
+            x: A value.
+
+        Returns:
+            The value.
+        """
+        return x
+
+
+def _length_mod_3(completions, **kwargs):
+    return [float(len(str(completion)) % 3) for completion in completions]
+
+
+@pytest.mark.parametrize("trainer_cls", [GRPOTrainer, DGPOTrainer])
+def test_trls_environment_owned_reward_mixed_environments_case(tiny_model_path, tmp_path, trainer_cls):
+    # TRL 1.16's tests/test_grpo_trainer.py::test_environment_owned_reward_mixed_environments, on a local tiny model
+    # (whose tokenizer gets TRL's Qwen3 chat template, which renders tool calls), then trained for two steps: the
+    # dataset has only an `environment` column, and each rollout's environment builds the prompt.
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from trl.chat_template_utils import qwen3_chat_template
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_path)
+    tokenizer.chat_template = qwen3_chat_template
+    dataset = Dataset.from_dict({"environment": ["scored", "scored2", "plain"]})
+    config_cls = GRPOConfig if trainer_cls is GRPOTrainer else DGPOConfig
+    trainer = trainer_cls(
+        model=tiny_model_path,
+        reward_funcs=_length_mod_3,
+        args=config_cls(**cpu_args(tmp_path, per_device_train_batch_size=3, num_generations=3)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        # `scored` and `scored2` both build `_ScoredEnvironment`, so they must collapse to a single reward column
+        environment_factory={"scored": _ScoredEnvironment, "scored2": _ScoredEnvironment, "plain": _PlainEnvironment},
+    )
+    assert trainer.reward_func_names == ["_length_mod_3", "_ScoredEnvironment"]
+    assert trainer.reward_weights.tolist() == [1.0, 1.0]
+    env_reward_func = trainer.reward_funcs[-1]
+    assert env_reward_func(environments=[_ScoredEnvironment(), _PlainEnvironment()]) == [1.0, None]
+    trainer.train()
+    assert trainer.state.global_step == 2 and all(math.isfinite(x) for x in history(trainer, "loss"))
+    if trainer_cls is DGPOTrainer:
+        assert history(trainer, "dgpo/tau") == [0.5, 0.5]
+
+
 def _weights_with_spread(spread, rows=6, length=24, seed=0):
     """TokenStatistics whose kappa = 0 scores give token weights of about `spread` std at tau = 0.5."""
     g = torch.Generator().manual_seed(seed)
