@@ -27,8 +27,9 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .config import DGPOConfig, validate_dgpo_arguments
+from .config import DGPOArguments, DGPOConfig, validate_dgpo_arguments
 from .functional import (
+    SCORES,
     TokenStatistics,
     effective_sample_size,
     nonfinite_sequences,
@@ -276,8 +277,8 @@ class DGPOTrainer(GRPOTrainer):
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = DGPOConfig(f"{model_name.split('/')[-1]}-DGPO")
         # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
-        self.dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
-        needs_reference = self.dgpo.score != "uniform"
+        dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
+        needs_reference = self._weights_tokens = dgpo.score != "uniform"
         given = inspect.signature(GRPOTrainer.__init__).bind(
             self, model, reward_funcs, args, *trainer_args, **trainer_kwargs
         ).arguments
@@ -337,6 +338,20 @@ class DGPOTrainer(GRPOTrainer):
         # and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
         self.last_token_weights: dict[str, torch.Tensor] | None = None
         self.num_completions_to_show = 8
+
+    @property
+    def dgpo(self) -> DGPOArguments:
+        """DGPO's settings, read from `self.args` and validated (with `DGPOConfig`'s messages) at every use, so that a
+        callback can change them during training, e.g. anneal `dgpo_tau`. Only whether tokens are weighted at all
+        (`dgpo_score="uniform"` or not) is fixed at construction, which loads a reference model or none."""
+        settings = validate_dgpo_arguments(self.args, warn=False)
+        if (settings.score != "uniform") != self._weights_tokens:
+            raise ValueError(
+                f"dgpo_score cannot change between 'uniform' and {[s for s in SCORES if s != 'uniform']} after the "
+                f"trainer is built (it loaded {'a' if self._weights_tokens else 'no'} reference model for it), got "
+                f"{settings.score!r}. Build a new trainer instead."
+            )
+        return settings
 
     # ------------------------------------------------------------------------------------------------------------
     # Models
@@ -525,21 +540,22 @@ class DGPOTrainer(GRPOTrainer):
         mask = mask.bool()
         advantages = inputs["advantages"]
         scored_mask = mask[rows]
-        divergence = stats.divergence(self.dgpo.score)
+        dgpo = self.dgpo  # read now: a callback may have changed them since the last batch
+        divergence = stats.divergence(dgpo.score)
         scores = token_scores(
             divergence,
             stats.entropy,
-            kappa=self.dgpo.kappa,
+            kappa=dgpo.kappa,
             vocab_size=self._vocab_size,
-            entropy_gate=self.dgpo.entropy_gate,
+            entropy_gate=dgpo.entropy_gate,
         )
-        tau = self.dgpo.tau
-        if self.dgpo.target_ess is not None:
+        tau = dgpo.tau
+        if dgpo.target_ess is not None:
             tau = tau_for_target_ess(
                 scores,
                 scored_mask & (advantages[rows] != 0).unsqueeze(-1),
-                self.dgpo.target_ess,
-                fallback=self.dgpo.tau,
+                dgpo.target_ess,
+                fallback=dgpo.tau,
                 reduce=lambda x: self.accelerator.reduce(x, reduction="sum"),
             )
         # In float64: the metrics must resolve weight spreads far below float32's resolution near w = 1

@@ -4,6 +4,7 @@ import gc
 import math
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import cpu_args
@@ -519,6 +520,53 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
     empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
     trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
     assert trainer.last_token_weights is kept
+
+
+def test_a_callback_can_schedule_tau(warm_model_path, reversal_train_dataset, tmp_path):
+    from transformers import TrainerCallback
+
+    schedule = [0.5, 0.2, 0.05]
+
+    class AnnealTau(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            args.dgpo_tau = schedule[state.global_step]
+
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)), callbacks=[AnnealTau()])
+    trainer.train()
+    assert history(trainer, "dgpo/tau") == schedule
+
+
+def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
+    stats = _weights_with_spread(0.05, rows=3)
+    mask = torch.ones(3, 24, dtype=torch.long)
+    for tau in (0.5, 0.05, np.float32(0.01)):
+        trainer.args.dgpo_tau = tau
+        inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
+                  "advantages": torch.tensor([1.0, -1.0, 0.5])}
+        trainer._apply_token_weights(inputs, stats, torch.arange(3))
+        expected = (stats.hellinger.double() / float(tau)).softmax(-1) * 24
+        torch.testing.assert_close(trainer.last_token_weights["weights"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("dgpo_tau", -3.0, r"dgpo_tau must be a finite number > 0, got -3.0\."),
+        ("dgpo_kappa", float("nan"), r"dgpo_kappa must be a finite number >= 0, got nan\."),
+        ("dgpo_score", "uniform", r"dgpo_score cannot change between 'uniform' and \['hellinger', 'reverse_kl'\]"),
+    ],
+)
+def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, reversal_train_dataset, tmp_path,
+                                                               field, value, message):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path)))
+    setattr(trainer.args, field, value)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0  # refused at the first batch, before any update
 
 
 def _module_kernels(model):
