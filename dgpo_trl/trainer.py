@@ -334,9 +334,11 @@ class DGPOTrainer(GRPOTrainer):
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
         self._scoring: _JointPass | None = None  # set while TRL scores a generation batch
         self._loss_inputs: dict | None = None  # the micro-batch whose weights come from the training forward
-        # A few scored completions of the latest batch that scored any, and their token weights (CPU), for heatmaps
-        # and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
+        # A few scored completions of the latest training batch that scored any, and their token weights (CPU), for
+        # heatmaps and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,); the same
+        # for the latest evaluation batch
         self.last_token_weights: dict[str, torch.Tensor] | None = None
+        self.last_eval_token_weights: dict[str, torch.Tensor] | None = None
         self.num_completions_to_show = 8
 
     @property
@@ -565,12 +567,17 @@ class DGPOTrainer(GRPOTrainer):
         inputs["advantages"] = advantages.unsqueeze(1) * weights
         if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
             shown = rows[: self.num_completions_to_show]
-            self.last_token_weights = {
+            shown_weights = {
                 "completion_ids": inputs["completion_ids"][shown].cpu(),
                 "weights": weights[shown].cpu(),
                 "mask": mask[shown].cpu(),
                 "advantages": advantages[shown].cpu(),
             }
+            # Evaluation keeps its own, so that it never replaces the training batch's
+            if self.model.training:
+                self.last_token_weights = shown_weights
+            else:
+                self.last_eval_token_weights = shown_weights
         if self.beta != 0.0:  # every row was scored (see `_rows_to_score`)
             inputs["ref_per_token_logps"] = stats.ref_logps
         self._log_dgpo_metrics(stats, divergence, scores, scored_weights, scored_mask, tau, len(advantages))

@@ -511,15 +511,25 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
     mask = torch.ones(3, 24, dtype=torch.long)
     scored = {"completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
               "advantages": torch.tensor([1.0, -1.0, 0.5])}
+    trainer.model.train()
     trainer._apply_token_weights(scored, stats, torch.arange(3))
     kept = trainer.last_token_weights
     assert kept["weights"].shape == (3, 24) and kept["weights"].std() > 0
+    assert torch.equal(kept["completion_ids"], scored["completion_ids"])
     # a batch whose completions all have A_i = 0 scores nothing: the heatmap data of the last scored batch stays
     unscored = {"completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
                 "advantages": torch.zeros(3)}
     empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
     trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
     assert trainer.last_token_weights is kept
+    # an evaluation batch keeps its own, and leaves the training batch's alone
+    assert trainer.last_eval_token_weights is None
+    trainer.model.eval()
+    evaluated = {"completion_ids": 100 + torch.arange(72).view(3, 24), "completion_mask": mask,
+                 "advantages": torch.tensor([0.5, -0.5, 1.0])}
+    trainer._apply_token_weights(evaluated, stats, torch.arange(3))
+    assert trainer.last_token_weights is kept
+    assert torch.equal(trainer.last_eval_token_weights["completion_ids"], evaluated["completion_ids"])
 
 
 def test_a_callback_can_schedule_tau(warm_model_path, reversal_train_dataset, tmp_path):
@@ -542,6 +552,7 @@ def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_d
                           args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
     stats = _weights_with_spread(0.05, rows=3)
     mask = torch.ones(3, 24, dtype=torch.long)
+    trainer.model.train()
     for tau in (0.5, 0.05, np.float32(0.01)):
         trainer.args.dgpo_tau = tau
         inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
