@@ -44,6 +44,11 @@ from .functional import (
 
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
+# With TRL's high-entropy token mask (`top_entropy_quantile < 1`), what reallocating a completion's weight onto the
+# tokens the mask keeps takes, stored with its batch (TRL splits and shuffles every tensor of it along dim 0):
+# A_i (B,), and the softmax logits s_t / tau (B, T) of DGPO's weights (0 on rows weighted uniformly)
+_SEQUENCE_ADVANTAGES = "dgpo_sequence_advantages"
+_WEIGHT_LOGITS = "dgpo_weight_logits"
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -253,10 +258,13 @@ class DGPOTrainer(GRPOTrainer):
     - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time policy forward, and the loss-time statistics,
       through DGPO's joint pass (`_JointPass`), which reuses TRL's own input building.
     - `_compute_loss`: marks the micro-batch whose weights are computed from the training forward.
+    - `get_high_entropy_mask` (only with `top_entropy_quantile < 1`): moves each completion's weight onto the tokens
+      TRL's high-entropy mask keeps, so the weights average 1 over the tokens that receive gradient.
     """
 
     _tag_names = ["trl", "dgpo"]
     _name = "DGPO"
+    _entropy_masked_inputs: dict | None = None  # the micro-batch in TRL's `_compute_loss`, for `get_high_entropy_mask`
     # The model card's "trained with DGPO, a method introduced in ..." and its citation; GRPOTrainer's would credit
     # DGPO to the GRPO paper. The year is the arXiv identifier's (2605: May 2026); the paper's text gives none.
     _paper = {
@@ -508,10 +516,23 @@ class DGPOTrainer(GRPOTrainer):
             # Not weighted at scoring time (nor by an earlier iteration over this micro-batch): no optimizer step has
             # happened since generation, so the training forward below is pi_old and provides the statistics.
             self._loss_inputs = inputs
+        self._entropy_masked_inputs = inputs  # see `get_high_entropy_mask`
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._loss_inputs = None
+            self._loss_inputs = self._entropy_masked_inputs = None
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        entropy_mask = super().get_high_entropy_mask(entropies, mask, threshold)
+        inputs = self._entropy_masked_inputs
+        if inputs is not None and _WEIGHT_LOGITS in inputs:
+            # TRL's loss trains only the tokens this mask keeps, and reads inputs["advantages"] right after it: each
+            # completion's weight moves onto them, w_t = K_i * softmax of s_t / tau over its K_i kept tokens (0 on the
+            # others). The kept weights average 1, as GRPO's do under the same mask, and the mass the paper's weights
+            # gave masked tokens is not lost. The mask is TRL's own, from this forward's entropies.
+            weights = weights_from_scores(inputs[_WEIGHT_LOGITS], entropy_mask, 1.0)
+            inputs["advantages"] = inputs[_SEQUENCE_ADVANTAGES].unsqueeze(1) * weights
+        return entropy_mask
 
     def _rows_to_score(self, advantages: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
         """Indices of the completions whose weights matter: those with A_i != 0 (TRL's KL term needs them all)."""
@@ -565,6 +586,12 @@ class DGPOTrainer(GRPOTrainer):
         weights = mask.float()
         weights[rows] = scored_weights.float()
         inputs["advantages"] = advantages.unsqueeze(1) * weights
+        if self.top_entropy_quantile < 1.0:
+            # TRL picks the tokens it trains in each loss call; `get_high_entropy_mask` reallocates from these
+            logits = torch.zeros_like(weights)
+            finite = ~nonfinite_sequences(scores, scored_mask).unsqueeze(-1)  # the others fall back to uniform
+            logits[rows] = torch.where(scored_mask & finite, scores / tau, 0.0).to(logits.dtype)
+            inputs[_SEQUENCE_ADVANTAGES], inputs[_WEIGHT_LOGITS] = advantages, logits
         if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
             shown = rows[: self.num_completions_to_show]
             shown_weights = {

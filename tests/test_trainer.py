@@ -248,6 +248,54 @@ def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_da
     assert ratio == pytest.approx(math.log(adaptive._vocab_size), rel=0.1)
 
 
+@pytest.mark.parametrize("path", ["loss_time", "scoring_time"])
+def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, reversal_train_dataset, tmp_path, path):
+    # TRL's top_entropy_quantile trains only the top 20% highest-entropy tokens; DGPO puts each completion's weight
+    # on those: w_t = K_i * softmax over the K_i kept tokens (DGPO's weights renormalised there), 0 elsewhere
+    kw = dict(top_entropy_quantile=0.2, max_steps=2, gradient_checkpointing=False)
+    if path == "scoring_time":  # old log-probs at generation time; the second generation batch is at step 3
+        kw.update(steps_per_generation=2, max_steps=3)
+    grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path / "d", dgpo_tau=0.01, dgpo_kappa=0.0, **kw)))
+    records, current = [], {}
+    compute_loss, high_entropy_mask = trainer._compute_loss, trainer.get_high_entropy_mask
+
+    def spy_loss(model, inputs):
+        current["inputs"] = inputs
+        return compute_loss(model, inputs)
+
+    def spy_mask(entropies, mask, threshold):
+        inputs = current["inputs"]
+        dgpo_advantages = inputs["advantages"].clone()  # A_i * w_t, w averaging 1 over the valid tokens
+        sequence_advantages = dgpo_advantages.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+        kept = high_entropy_mask(entropies, mask, threshold)
+        # DGPO's weights, and those TRL's loss reads right after the mask
+        records.append((trainer.state.global_step, kept, mask.bool(), dgpo_advantages / sequence_advantages,
+                        inputs["advantages"] / sequence_advantages))
+        return kept
+
+    trainer._compute_loss, trainer.get_high_entropy_mask = spy_loss, spy_mask
+    trainer.train()
+    # Step 1: pi_theta == pi_ref, uniform weights: exactly GRPO under the same mask
+    for key in ("loss", "grad_norm"):
+        assert history(trainer, key)[0] == history(grpo, key)[0], key
+    spread = checked = 0
+    for step, kept, valid, before, after in records:
+        for i in range(len(kept)):
+            if not kept[i].any() or not torch.isfinite(after[i]).all():  # A_i = 0: no weight to place
+                continue
+            checked += 1
+            assert (after[i][~kept[i]] == 0).all()  # masked tokens: no weight, so the largest is a kept token
+            assert after[i][kept[i]].mean().item() == pytest.approx(1.0, abs=1e-5)  # K_i in all: GRPO's mass
+            # DGPO's own weights, renormalised over the kept tokens
+            ratio = after[i][kept[i]] / before[i][kept[i]]
+            torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=0)
+            spread += step > 0 and bool(before[i][valid[i]].std() > 0.05)
+    assert checked >= 10 and spread >= 3  # weights that were really reallocated, not only uniform ones
+    assert history(trainer, "grad_norm")[-1] != history(grpo, "grad_norm")[-1]
+
+
 def test_eval_dataset_is_scored_with_dgpo(warm_model_path, reversal_train_dataset, tmp_path):
     trainer = DGPOTrainer(
         warm_model_path, exact_match_reward,
