@@ -9,7 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 
 SUPPORTED_TRL = "1.16"
-"""The TRL release (major.minor) whose private `GRPOTrainer` methods `DGPOTrainer` overrides; as in pyproject.toml."""
+"""The TRL release (major.minor) whose private `GRPOTrainer` methods `DGPOTrainer` overrides; as in pyproject.toml,
+which says why 1.15 is not admitted."""
 TRL_REQUIREMENT = "trl>=1.16.0,<1.17"
 
 

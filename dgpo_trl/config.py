@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import transformers
 from trl import GRPOConfig
 
@@ -127,7 +129,10 @@ class DGPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        validate_dgpo_arguments(self)
+        settings = validate_dgpo_arguments(self)
+        # Plain Python numbers from here on (a numpy float32 passed in would not serialize to JSON with the arguments)
+        self.dgpo_tau, self.dgpo_kappa, self.dgpo_chunk_size = settings.tau, settings.kappa, settings.chunk_size
+        self.dgpo_target_ess, self.dgpo_skip_zero_advantage = settings.target_ess, settings.skip_zero_advantage
         super().__post_init__()
 
 
@@ -157,19 +162,19 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
     target_ess = getattr(args, "dgpo_target_ess", DGPOConfig.dgpo_target_ess)
     skip_zero_advantage = getattr(args, "dgpo_skip_zero_advantage", DGPOConfig.dgpo_skip_zero_advantage)
     if not _is_number(tau) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"dgpo_tau must be a finite number > 0, got {tau!r}.")
+        raise ValueError(f"dgpo_tau must be a finite number > 0, got {_shown(tau)}.")
     if not _is_number(kappa) or not (math.isfinite(kappa) and kappa >= 0):
-        raise ValueError(f"dgpo_kappa must be a finite number >= 0, got {kappa!r}.")
+        raise ValueError(f"dgpo_kappa must be a finite number >= 0, got {_shown(kappa)}.")
     if score not in SCORES:
         raise ValueError(f"dgpo_score must be one of {list(SCORES)}, got {score!r}.")
     if entropy_gate not in ENTROPY_GATES:
         raise ValueError(f"dgpo_entropy must be one of {list(ENTROPY_GATES)}, got {entropy_gate!r}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"dgpo_chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    if not _is_integer(chunk_size) or chunk_size < 1:
+        raise ValueError(f"dgpo_chunk_size must be an integer >= 1, got {_shown(chunk_size)}.")
     if target_ess is not None and not (_is_number(target_ess) and 0.0 < target_ess < 1.0):
-        raise ValueError(f"dgpo_target_ess must be None or a number in (0, 1), got {target_ess!r}.")
-    if not isinstance(skip_zero_advantage, bool):
-        raise ValueError(f"dgpo_skip_zero_advantage must be True or False, got {skip_zero_advantage!r}.")
+        raise ValueError(f"dgpo_target_ess must be None or a number in (0, 1), got {_shown(target_ess)}.")
+    if not isinstance(skip_zero_advantage, (bool, np.bool_)):
+        raise ValueError(f"dgpo_skip_zero_advantage must be True or False, got {_shown(skip_zero_advantage)}.")
     if args.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {args.loss_type!r}.")
     if score != "uniform" and args.importance_sampling_level == "sequence" and args.loss_type not in _TOKEN_GRADIENT_LOSSES:
@@ -192,9 +197,9 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         float(kappa),
         score,
         entropy_gate,
-        chunk_size,
+        int(chunk_size),
         None if target_ess is None else float(target_ess),
-        skip_zero_advantage,
+        bool(skip_zero_advantage),
     )
 
 
@@ -216,4 +221,16 @@ def _caller_stacklevel() -> int:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # Any real number (numpy's float32 and int64 included), but not a bool, which Python counts as an int
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _shown(x) -> str:
+    """A value as an error message shows it: with its type when that is what is wrong (e.g. the string '0.5')."""
+    if _is_number(x) or x is None or isinstance(x, (bool, np.bool_)):
+        return repr(x)
+    return f"{x!r} of type {type(x).__name__}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import textwrap
 from types import SimpleNamespace
 
 import torch
@@ -16,8 +17,9 @@ from trl import GRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import get_config_model_id, maybe_gather_lm_head_ctx, use_adapter
 
-from .config import DGPOConfig, validate_dgpo_arguments
+from .config import DGPOArguments, DGPOConfig, validate_dgpo_arguments
 from .functional import (
+    SCORES,
     TokenStatistics,
     effective_sample_size,
     nonfinite_sequences,
@@ -46,6 +48,11 @@ from .reference import (
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 # Model inputs that hold one row per completion, so a subset of completions is a subset of their rows
 _PER_ROW_INPUTS = {"input_ids", "attention_mask"}
+# With TRL's high-entropy token mask (`top_entropy_quantile < 1`), what reallocating a completion's weight onto the
+# tokens the mask keeps takes, stored with its batch (TRL splits and shuffles every tensor of it along dim 0):
+# A_i (B,), and the softmax logits s_t / tau (B, T) of DGPO's weights (0 on rows weighted uniformly)
+_SEQUENCE_ADVANTAGES = "dgpo_sequence_advantages"
+_WEIGHT_LOGITS = "dgpo_weight_logits"
 
 
 def logit_transform(config) -> tuple[float, float | None]:
@@ -69,20 +76,33 @@ def _full(param: torch.Tensor | None) -> torch.Tensor | None:
     return param.full_tensor() if isinstance(param, DTensor) else param
 
 
-def _check_prompt_column(dataset, name: str) -> None:
-    """GRPOTrainer reads every example's prompt from a "prompt" column, and fails on the first batch with a bare
-    `KeyError` when there is none: say so at construction, naming the columns the dataset has."""
+def _check_prompt_column(dataset, name: str, environment: bool = False) -> None:
+    """Refuses, at construction, a dataset GRPOTrainer could only fail on or silently not use, saying what is wrong.
+
+    An empty dataset (GRPOTrainer would train zero steps, or evaluate nothing, without a word). A dataset without a
+    "prompt" column, unless an `environment_factory` builds the prompts (`environment=True`: TRL 1.16 then trains on a
+    dataset with, e.g., only an "environment" column): GRPOTrainer reads every prompt from that column and would fail
+    on the first batch with a bare `KeyError`.
+    """
     if isinstance(dataset, dict):  # DatasetDict, or a dict of eval datasets
         for key, value in dataset.items():
-            _check_prompt_column(value, f"{name}[{key!r}]")
+            _check_prompt_column(value, f"{name}[{key!r}]", environment)
         return
+    if dataset is None or not hasattr(dataset, "__len__"):  # IterableDataset: no length, maybe unknown features
+        return
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{name} is empty (0 rows): there is nothing to {'evaluate' if name.startswith('eval') else 'train'} on. "
+            "Check the split, or any filter applied to it."
+        )
     columns = getattr(dataset, "column_names", None)
-    if columns is None or "prompt" in columns:  # IterableDataset with unknown features: nothing to check yet
+    if environment or columns is None or "prompt" in columns:
         return
     raise ValueError(
         f"{name} has no 'prompt' column, which GRPOTrainer and DGPOTrainer read each example's prompt from; its "
         f"columns are {list(columns)}. Rename the column that holds the prompts, e.g. "
-        f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`."
+        f"`dataset.rename_column({(columns[0] if columns else 'question')!r}, 'prompt')`, or pass an "
+        "`environment_factory` whose environments build the prompts."
     )
 
 
@@ -180,6 +200,8 @@ class DGPOTrainer(GRPOTrainer):
       through DGPO's joint pass (`_JointPass`), which reuses TRL's own input building.
     - `_compute_loss`: marks the micro-batch whose weights are computed from the training forward.
     - `_save`: leaves DGPO's frozen "ref" adapter out of what checkpoints, `save_model` and Hub pushes write.
+    - `get_high_entropy_mask` (only with `top_entropy_quantile < 1`): moves each completion's weight onto the tokens
+      TRL's high-entropy mask keeps, so the weights average 1 over the tokens that receive gradient.
 
     Every forward DGPO runs goes through the module the engine prepared (`dgpo_trl.reference.backbone_forward`),
     so FSDP2's and ZeRO-3's hooks run as in a normal forward; the policy's LM-head module is never called.
@@ -187,20 +209,35 @@ class DGPOTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "dgpo"]
     _name = "DGPO"
+    _entropy_masked_inputs: dict | None = None  # the micro-batch in TRL's `_compute_loss`, for `get_high_entropy_mask`
+    # The model card's "trained with DGPO, a method introduced in ..." and its citation; GRPOTrainer's would credit
+    # DGPO to the GRPO paper. The year is the arXiv identifier's (2605: May 2026); the paper's text gives none.
+    _paper = {
+        "title": "DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment",
+        "id": "2605.03327",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{jin2026dgpo,
+                title        = {{DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment}},
+                author       = {Hongbo Jin and Rongpeng Zhu and Zhongjing Du and Xu Jiang and Jingqi Tian and Qiaoman Zhang and Jiayu Ding},
+                year         = 2026,
+                eprint       = {arXiv:2605.03327},
+            }"""),
+    }
 
     def __init__(self, model, reward_funcs=None, args=None, *trainer_args, **trainer_kwargs):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = DGPOConfig(f"{model_name.split('/')[-1]}-DGPO")
         # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
-        self.dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
-        needs_reference = self.dgpo.score != "uniform"
+        dgpo = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig))
+        needs_reference = self._weights_tokens = dgpo.score != "uniform"
         given = inspect.signature(GRPOTrainer.__init__).bind(
             self, model, reward_funcs, args, *trainer_args, **trainer_kwargs
         ).arguments
         peft_config = given.get("peft_config")
         for name in ("train_dataset", "eval_dataset"):
-            _check_prompt_column(given.get(name), name)
+            _check_prompt_column(given.get(name), name, environment=given.get("environment_factory") is not None)
         wrapped_peft_model = not isinstance(model, str) and is_peft_model(model)
         sync_reference = needs_reference and args.sync_ref_model
         if sync_reference and (peft_config is not None or wrapped_peft_model):
@@ -248,10 +285,26 @@ class DGPOTrainer(GRPOTrainer):
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
         self._scoring: _JointPass | None = None  # set while TRL scores a generation batch
         self._loss_inputs: dict | None = None  # the micro-batch whose weights come from the training forward
-        # A few scored completions of the latest batch that scored any, and their token weights (CPU), for heatmaps
-        # and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,)
+        # A few scored completions of the latest training batch that scored any, and their token weights (CPU), for
+        # heatmaps and inspection: {"completion_ids", "weights", "mask"}: (n, T) each, "advantages": (n,); the same
+        # for the latest evaluation batch
         self.last_token_weights: dict[str, torch.Tensor] | None = None
+        self.last_eval_token_weights: dict[str, torch.Tensor] | None = None
         self.num_completions_to_show = 8
+
+    @property
+    def dgpo(self) -> DGPOArguments:
+        """DGPO's settings, read from `self.args` and validated (with `DGPOConfig`'s messages) at every use, so that a
+        callback can change them during training, e.g. anneal `dgpo_tau`. Only whether tokens are weighted at all
+        (`dgpo_score="uniform"` or not) is fixed at construction, which loads a reference model or none."""
+        settings = validate_dgpo_arguments(self.args, warn=False)
+        if (settings.score != "uniform") != self._weights_tokens:
+            raise ValueError(
+                f"dgpo_score cannot change between 'uniform' and {[s for s in SCORES if s != 'uniform']} after the "
+                f"trainer is built (it loaded {'a' if self._weights_tokens else 'no'} reference model for it), got "
+                f"{settings.score!r}. Build a new trainer instead."
+            )
+        return settings
 
     # ------------------------------------------------------------------------------------------------------------
     # Models
@@ -374,10 +427,23 @@ class DGPOTrainer(GRPOTrainer):
             # Not weighted at scoring time (nor by an earlier iteration over this micro-batch): no optimizer step has
             # happened since generation, so the training forward below is pi_old and provides the statistics.
             self._loss_inputs = inputs
+        self._entropy_masked_inputs = inputs  # see `get_high_entropy_mask`
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._loss_inputs = None
+            self._loss_inputs = self._entropy_masked_inputs = None
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        entropy_mask = super().get_high_entropy_mask(entropies, mask, threshold)
+        inputs = self._entropy_masked_inputs
+        if inputs is not None and _WEIGHT_LOGITS in inputs:
+            # TRL's loss trains only the tokens this mask keeps, and reads inputs["advantages"] right after it: each
+            # completion's weight moves onto them, w_t = K_i * softmax of s_t / tau over its K_i kept tokens (0 on the
+            # others). The kept weights average 1, as GRPO's do under the same mask, and the mass the paper's weights
+            # gave masked tokens is not lost. The mask is TRL's own, from this forward's entropies.
+            weights = weights_from_scores(inputs[_WEIGHT_LOGITS], entropy_mask, 1.0)
+            inputs["advantages"] = inputs[_SEQUENCE_ADVANTAGES].unsqueeze(1) * weights
+        return entropy_mask
 
     def _save(self, output_dir=None, state_dict=None):
         # DGPO's frozen reference adapter is not something the user trains: checkpoints, `save_model` and Hub pushes
@@ -437,21 +503,22 @@ class DGPOTrainer(GRPOTrainer):
         mask = self._valid_mask(inputs)
         advantages = inputs["advantages"]
         scored_mask = mask[rows]
-        divergence = stats.divergence(self.dgpo.score)
+        dgpo = self.dgpo  # read now: a callback may have changed them since the last batch
+        divergence = stats.divergence(dgpo.score)
         scores = token_scores(
             divergence,
             stats.entropy,
-            kappa=self.dgpo.kappa,
+            kappa=dgpo.kappa,
             vocab_size=self._vocab_size,
-            entropy_gate=self.dgpo.entropy_gate,
+            entropy_gate=dgpo.entropy_gate,
         )
-        tau = self.dgpo.tau
-        if self.dgpo.target_ess is not None:
+        tau = dgpo.tau
+        if dgpo.target_ess is not None:
             tau = tau_for_target_ess(
                 scores,
                 scored_mask & (advantages[rows] != 0).unsqueeze(-1),
-                self.dgpo.target_ess,
-                fallback=self.dgpo.tau,
+                dgpo.target_ess,
+                fallback=dgpo.tau,
                 reduce=lambda x: self.accelerator.reduce(x, reduction="sum"),
             )
         # In float64: the metrics must resolve weight spreads far below float32's resolution near w = 1
@@ -459,14 +526,25 @@ class DGPOTrainer(GRPOTrainer):
         weights = mask.float()
         weights[rows] = scored_weights.float()
         inputs["advantages"] = advantages.unsqueeze(1) * weights
+        if self.top_entropy_quantile < 1.0:
+            # TRL picks the tokens it trains in each loss call; `get_high_entropy_mask` reallocates from these
+            logits = torch.zeros_like(weights)
+            finite = ~nonfinite_sequences(scores, scored_mask).unsqueeze(-1)  # the others fall back to uniform
+            logits[rows] = torch.where(scored_mask & finite, scores / tau, 0.0).to(logits.dtype)
+            inputs[_SEQUENCE_ADVANTAGES], inputs[_WEIGHT_LOGITS] = advantages, logits
         if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
             shown = rows[: self.num_completions_to_show]
-            self.last_token_weights = {
+            shown_weights = {
                 "completion_ids": inputs["completion_ids"][shown].cpu(),
                 "weights": weights[shown].cpu(),
                 "mask": mask[shown].cpu(),
                 "advantages": advantages[shown].cpu(),
             }
+            # Evaluation keeps its own, so that it never replaces the training batch's
+            if self.model.training:
+                self.last_token_weights = shown_weights
+            else:
+                self.last_eval_token_weights = shown_weights
         if self.beta != 0.0:  # every row with a valid token was scored (see `_rows_wanted`); the others have no KL term
             ref_logps = torch.zeros_like(weights)
             ref_logps[rows] = stats.ref_logps

@@ -1,8 +1,9 @@
 """Token-weight heatmaps, like the paper's Fig. 4: each completion token's background colour shows its weight w_t.
 
 DGPO gives token t of completion i the advantage A_i * w_t with mean_t w_t = 1; a heatmap shows where the
-sequence's credit went. `DGPOTrainer.last_token_weights` holds a few completions of the latest scored batch:
-`{"completion_ids", "weights", "mask"}` of shape (n, T) and `"advantages"` of shape (n,).
+sequence's credit went. `DGPOTrainer.last_token_weights` holds a few completions of the latest scored training batch
+(`last_eval_token_weights`: of the latest evaluation batch): `{"completion_ids", "weights", "mask"}` of shape (n, T) and
+`"advantages"` of shape (n,).
 
 The colour scale diverges at the mean, w = 1 (white): blue below, red above, symmetric in log w (w = 2 and w = 0.5
 are equally strong). By default its ends are 1/vmax and vmax with vmax = max(w, 1/w) over the weights shown, so
@@ -409,7 +410,10 @@ class TokenWeightHeatmapCallback(TrainerCallback):
     """Writes token-weight heatmaps of a few completions at every logging step of a `DGPOTrainer`.
 
     Files: `<output_dir>/token_weights/step_<global_step>.html` (and `.png` when `"png"` is in `formats`), from the
-    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_score="uniform"`, gets none).
+    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_score="uniform"`, gets none). After each
+    evaluation, the evaluation batch's weights (`last_eval_token_weights`) go to their own files,
+    `eval_step_<global_step>.html` (`eval_<name>_step_...` for each of several named eval datasets), titled as an
+    evaluation: they never replace the training heatmap of the same step.
 
     When trackio or wandb is active (`report_to`, and for wandb a live run) and the trainer logs completions
     (`log_completions=True`), each drawn completion's heatmap is added as an image to TRL's completions table, in its
@@ -442,7 +446,8 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         self.subdir = subdir
         self.vmax = _check_vmax(vmax)
         self.written: list[Path] = []
-        self._last_drawn = None  # the last_token_weights dict drawn last (a new batch brings a new dict)
+        # The weights dict drawn last, per trainer attribute (a new batch brings a new dict)
+        self._last_drawn = {"last_token_weights": None, "last_eval_token_weights": None}
         self._images_buffer = None  # the `image` column this callback put into TRL's table, if any
         self._replaced_maxlen = None  # the maxlen of TRL's own (empty) buffer it replaced
 
@@ -453,10 +458,13 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         if backends:
             # A heatmap put in the table at an earlier step must never sit beside another batch's rows
             self._release_images_column()
-        token_weights = getattr(self.trainer, "last_token_weights", None)
-        if token_weights is None or token_weights is self._last_drawn:
+        # An evaluation logs its own metrics after its batches: draw its weights, under its own names
+        evaluation = _evaluation_prefix(kwargs.get("logs") or {})
+        source = "last_token_weights" if evaluation is None else "last_eval_token_weights"
+        token_weights = getattr(self.trainer, source, None)
+        if token_weights is None or token_weights is self._last_drawn[source]:
             return
-        self._last_drawn = token_weights
+        self._last_drawn[source] = token_weights
         tokenizer = self.trainer.processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor wraps its tokenizer
         completions = completions_from_token_weights(token_weights, tokenizer, self.num_completions)
@@ -464,8 +472,13 @@ class TokenWeightHeatmapCallback(TrainerCallback):
             return
         directory = Path(args.output_dir) / self.subdir
         directory.mkdir(parents=True, exist_ok=True)
-        title = f"DGPO token weights, step {state.global_step}"
-        stem = directory / f"step_{state.global_step:06d}"
+        if evaluation is None:
+            title = f"DGPO token weights, step {state.global_step}"
+            stem = directory / f"step_{state.global_step:06d}"
+        else:
+            dataset = evaluation[len("eval_") :]
+            title = f"DGPO token weights, evaluation{f' on {dataset}' if dataset else ''} at step {state.global_step}"
+            stem = directory / f"{evaluation}_step_{state.global_step:06d}"
         if "html" in self.formats:
             page = heatmap_html(completions, title=title, vmax=self.vmax)
             stem.with_suffix(".html").write_text(page, encoding="utf-8")
@@ -482,8 +495,9 @@ class TokenWeightHeatmapCallback(TrainerCallback):
                 if self._fill_images_column(token_weights, tokenizer, images):
                     return
             combined = _figure_image(heatmap_png(completions, title=title, vmax=self.vmax))
+            key = "dgpo/token_weights" if evaluation is None else f"{evaluation}_dgpo/token_weights"
             for backend in backends:
-                backend.log({"dgpo/token_weights": backend.Image(combined)})
+                backend.log({key: backend.Image(combined)})
 
     def _trl_logs(self) -> dict | None:
         """TRL's completions-table buffer, if it has the layout this callback was written against (TRL 1.16)."""
@@ -524,6 +538,15 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         self._images_buffer = deque(cells, maxlen=None if maxlen is None else max(maxlen, len(cells)))
         logs["images"] = self._images_buffer
         return True
+
+
+def _evaluation_prefix(logs: dict) -> str | None:
+    """The metric prefix of an evaluation's log: "eval", or "eval_<name>" for one of several named eval datasets
+    (`Trainer.evaluate` logs `<prefix>_runtime`); None for a training log."""
+    for key in logs:
+        if key.startswith("eval") and key.endswith("_runtime"):
+            return key[: -len("_runtime")]
+    return "eval" if any(key.startswith("eval_") for key in logs) else None
 
 
 def _row_text(completion) -> str:

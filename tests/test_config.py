@@ -1,10 +1,13 @@
 """DGPOConfig: defaults, documentation, and early errors for every invalid value."""
 
 import dataclasses
+import json
 import os
 import warnings
 
+import numpy as np
 import pytest
+import torch
 from conftest import cpu_args
 from trl import GRPOConfig, TrlParser
 
@@ -37,7 +40,7 @@ def test_every_dgpo_field_is_documented():
         ("dgpo_tau", -1.0, "dgpo_tau must be a finite number > 0"),
         ("dgpo_tau", float("inf"), "dgpo_tau must be a finite number > 0"),
         ("dgpo_tau", float("nan"), "dgpo_tau must be a finite number > 0"),
-        ("dgpo_tau", "0.5", "dgpo_tau must be a finite number > 0"),
+        ("dgpo_tau", "0.5", "dgpo_tau must be a finite number > 0, got '0.5' of type str"),
         ("dgpo_kappa", -0.1, "dgpo_kappa must be a finite number >= 0"),
         ("dgpo_kappa", float("nan"), "dgpo_kappa must be a finite number >= 0"),
         ("dgpo_score", "kl", r"dgpo_score must be one of \['hellinger', 'reverse_kl', 'uniform'\]"),
@@ -52,6 +55,35 @@ def test_every_dgpo_field_is_documented():
     ],
 )
 def test_invalid_values_raise_at_construction(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DGPOConfig(**cpu_args(tmp_path, **{field: value}))
+
+
+def test_numpy_numbers_are_numbers(tmp_path):
+    # e.g. values read from a numpy sweep grid or a YAML file loaded through numpy
+    args = DGPOConfig(**cpu_args(tmp_path, dgpo_tau=np.float32(0.25), dgpo_kappa=np.int64(2), dgpo_chunk_size=np.int32(64),
+                                 dgpo_target_ess=np.float64(0.9), dgpo_skip_zero_advantage=np.bool_(False)))
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_chunk_size, args.dgpo_target_ess) == (0.25, 2.0, 64, 0.9)
+    # stored as plain Python values, so the arguments serialize as TrainingArguments does
+    assert [type(v) for v in (args.dgpo_tau, args.dgpo_kappa, args.dgpo_chunk_size, args.dgpo_skip_zero_advantage)] == [
+        float, float, int, bool]
+    assert json.loads(args.to_json_string())["dgpo_tau"] == 0.25
+    # a plain GRPOConfig carrying numpy values (set by a pipeline) gets the same reading
+    grpo = GRPOConfig(**cpu_args(tmp_path))
+    grpo.dgpo_tau = np.float32(0.5)
+    assert validate_dgpo_arguments(grpo).tau == 0.5
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dgpo_tau", np.float32(-1.0), r"dgpo_tau must be a finite number > 0, got np.float32\(-1.0\)"),
+        ("dgpo_tau", torch.tensor(0.5), r"dgpo_tau must be a finite number > 0, got tensor\(0.5000\) of type Tensor"),
+        ("dgpo_tau", True, "dgpo_tau must be a finite number > 0, got True"),
+        ("dgpo_chunk_size", np.float64(64.0), r"dgpo_chunk_size must be an integer >= 1, got np.float64\(64.0\)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_named_with_its_type(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         DGPOConfig(**cpu_args(tmp_path, **{field: value}))
 

@@ -102,4 +102,20 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for row in summary["rows"]:
         assert 0.0 <= row["avg@4"] <= row["pass@4"] <= 1.0
     assert "| DGPO" in result.stdout and "| GRPO" in result.stdout
+    assert "One seed is not a comparison" in result.stdout and "docs/results.md" in result.stdout
     assert f"Reward curves:  {(output_dir / 'reward_curves.png').resolve()}" in result.stdout
+
+
+def test_the_demo_says_how_large_a_difference_one_seed_can_show():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    differences = list(demo.SEED_DIFFERENCES.values())
+    # measured with the defaults: differences of both signs, several points wide, with no real difference
+    assert len(differences) >= 4 and min(differences) < -3 and max(differences) > 3
+    note = demo.noise_note(0.564, 0.596, problems=100, samples=8)
+    assert "-3.2, -8.5, +6.9, +4.7 points" in note and "Here DGPO - GRPO is -3.2 points" in note
+    assert "about ±4.8 (95%)" in note  # 1.96 * sqrt(2 p (1 - p) / 800), p = 0.58
+    assert "docs/results.md" in note and (REPO_ROOT / "docs" / "results.md").is_file()

@@ -4,6 +4,7 @@ import gc
 import math
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from conftest import cpu_args
@@ -247,6 +248,54 @@ def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_da
     assert ratio == pytest.approx(math.log(adaptive._vocab_size), rel=0.1)
 
 
+@pytest.mark.parametrize("path", ["loss_time", "scoring_time"])
+def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, reversal_train_dataset, tmp_path, path):
+    # TRL's top_entropy_quantile trains only the top 20% highest-entropy tokens; DGPO puts each completion's weight
+    # on those: w_t = K_i * softmax over the K_i kept tokens (DGPO's weights renormalised there), 0 elsewhere
+    kw = dict(top_entropy_quantile=0.2, max_steps=2, gradient_checkpointing=False)
+    if path == "scoring_time":  # old log-probs at generation time; the second generation batch is at step 3
+        kw.update(steps_per_generation=2, max_steps=3)
+    grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path / "d", dgpo_tau=0.01, dgpo_kappa=0.0, **kw)))
+    records, current = [], {}
+    compute_loss, high_entropy_mask = trainer._compute_loss, trainer.get_high_entropy_mask
+
+    def spy_loss(model, inputs):
+        current["inputs"] = inputs
+        return compute_loss(model, inputs)
+
+    def spy_mask(entropies, mask, threshold):
+        inputs = current["inputs"]
+        dgpo_advantages = inputs["advantages"].clone()  # A_i * w_t, w averaging 1 over the valid tokens
+        sequence_advantages = dgpo_advantages.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
+        kept = high_entropy_mask(entropies, mask, threshold)
+        # DGPO's weights, and those TRL's loss reads right after the mask
+        records.append((trainer.state.global_step, kept, mask.bool(), dgpo_advantages / sequence_advantages,
+                        inputs["advantages"] / sequence_advantages))
+        return kept
+
+    trainer._compute_loss, trainer.get_high_entropy_mask = spy_loss, spy_mask
+    trainer.train()
+    # Step 1: pi_theta == pi_ref, uniform weights: exactly GRPO under the same mask
+    for key in ("loss", "grad_norm"):
+        assert history(trainer, key)[0] == history(grpo, key)[0], key
+    spread = checked = 0
+    for step, kept, valid, before, after in records:
+        for i in range(len(kept)):
+            if not kept[i].any() or not torch.isfinite(after[i]).all():  # A_i = 0: no weight to place
+                continue
+            checked += 1
+            assert (after[i][~kept[i]] == 0).all()  # masked tokens: no weight, so the largest is a kept token
+            assert after[i][kept[i]].mean().item() == pytest.approx(1.0, abs=1e-5)  # K_i in all: GRPO's mass
+            # DGPO's own weights, renormalised over the kept tokens
+            ratio = after[i][kept[i]] / before[i][kept[i]]
+            torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=0)
+            spread += step > 0 and bool(before[i][valid[i]].std() > 0.05)
+    assert checked >= 10 and spread >= 3  # weights that were really reallocated, not only uniform ones
+    assert history(trainer, "grad_norm")[-1] != history(grpo, "grad_norm")[-1]
+
+
 def test_eval_dataset_is_scored_with_dgpo(warm_model_path, reversal_train_dataset, tmp_path):
     trainer = DGPOTrainer(
         warm_model_path, exact_match_reward,
@@ -384,6 +433,89 @@ def test_a_dataset_without_a_prompt_column_fails_at_construction(tiny_model_path
                     train_dataset=prompts, eval_dataset={"held_out": questions})
 
 
+def test_an_empty_dataset_is_called_empty(tiny_model_path, reversal_train_dataset, tmp_path):
+    from datasets import Dataset
+
+    # GRPOTrainer would train zero steps (or evaluate nothing) without a word; a filter that removed every row
+    for empty in (Dataset.from_list([]), Dataset.from_dict({"prompt": [], "answer": []})):
+        with pytest.raises(ValueError, match=r"^train_dataset is empty \(0 rows\): there is nothing to train on"):
+            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)), train_dataset=empty)
+        with pytest.raises(ValueError, match=r"^eval_dataset\['held_out'\] is empty \(0 rows\)"):
+            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                        train_dataset=reversal_train_dataset, eval_dataset={"held_out": empty})
+
+
+class _ScoredEnvironment:  # owns its reward
+    def reset(self, **kwargs): ...
+
+    def act(self, x: int) -> int:
+        """
+        Act.
+
+        Args:
+            x: A value.
+
+        Returns:
+            The value.
+        """
+        return x
+
+    def get_reward(self) -> float:
+        return 1.0
+
+
+class _PlainEnvironment:  # no `get_reward`; scored by `reward_funcs`
+    def reset(self, **kwargs): ...
+
+    def play(self, x: int) -> int:
+        """
+        Play.
+
+        Args:
+            x: A value.
+
+        Returns:
+            The value.
+        """
+        return x
+
+
+def _length_mod_3(completions, **kwargs):
+    return [float(len(str(completion)) % 3) for completion in completions]
+
+
+@pytest.mark.parametrize("trainer_cls", [GRPOTrainer, DGPOTrainer])
+def test_trls_environment_owned_reward_mixed_environments_case(tiny_model_path, tmp_path, trainer_cls):
+    # TRL 1.16's tests/test_grpo_trainer.py::test_environment_owned_reward_mixed_environments, on a local tiny model
+    # (whose tokenizer gets TRL's Qwen3 chat template, which renders tool calls), then trained for two steps: the
+    # dataset has only an `environment` column, and each rollout's environment builds the prompt.
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast
+    from trl.chat_template_utils import qwen3_chat_template
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_path)
+    tokenizer.chat_template = qwen3_chat_template
+    dataset = Dataset.from_dict({"environment": ["scored", "scored2", "plain"]})
+    config_cls = GRPOConfig if trainer_cls is GRPOTrainer else DGPOConfig
+    trainer = trainer_cls(
+        model=tiny_model_path,
+        reward_funcs=_length_mod_3,
+        args=config_cls(**cpu_args(tmp_path, per_device_train_batch_size=3, num_generations=3)),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        # `scored` and `scored2` both build `_ScoredEnvironment`, so they must collapse to a single reward column
+        environment_factory={"scored": _ScoredEnvironment, "scored2": _ScoredEnvironment, "plain": _PlainEnvironment},
+    )
+    assert trainer.reward_func_names == ["_length_mod_3", "_ScoredEnvironment"]
+    assert trainer.reward_weights.tolist() == [1.0, 1.0]
+    env_reward_func = trainer.reward_funcs[-1]
+    assert env_reward_func(environments=[_ScoredEnvironment(), _PlainEnvironment()]) == [1.0, None]
+    trainer.train()
+    assert trainer.state.global_step == 2 and all(math.isfinite(x) for x in history(trainer, "loss"))
+    if trainer_cls is DGPOTrainer:
+        assert history(trainer, "dgpo/tau") == [0.5, 0.5]
+
+
 def _weights_with_spread(spread, rows=6, length=24, seed=0):
     """TokenStatistics whose kappa = 0 scores give token weights of about `spread` std at tau = 0.5."""
     g = torch.Generator().manual_seed(seed)
@@ -427,15 +559,73 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
     mask = torch.ones(3, 24, dtype=torch.long)
     scored = {"completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
               "advantages": torch.tensor([1.0, -1.0, 0.5])}
+    trainer.model.train()
     trainer._apply_token_weights(scored, stats, torch.arange(3))
     kept = trainer.last_token_weights
     assert kept["weights"].shape == (3, 24) and kept["weights"].std() > 0
+    assert torch.equal(kept["completion_ids"], scored["completion_ids"])
     # a batch whose completions all have A_i = 0 scores nothing: the heatmap data of the last scored batch stays
     unscored = {"completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
                 "advantages": torch.zeros(3)}
     empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
     trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
     assert trainer.last_token_weights is kept
+    # an evaluation batch keeps its own, and leaves the training batch's alone
+    assert trainer.last_eval_token_weights is None
+    trainer.model.eval()
+    evaluated = {"completion_ids": 100 + torch.arange(72).view(3, 24), "completion_mask": mask,
+                 "advantages": torch.tensor([0.5, -0.5, 1.0])}
+    trainer._apply_token_weights(evaluated, stats, torch.arange(3))
+    assert trainer.last_token_weights is kept
+    assert torch.equal(trainer.last_eval_token_weights["completion_ids"], evaluated["completion_ids"])
+
+
+def test_a_callback_can_schedule_tau(warm_model_path, reversal_train_dataset, tmp_path):
+    from transformers import TrainerCallback
+
+    schedule = [0.5, 0.2, 0.05]
+
+    class AnnealTau(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            args.dgpo_tau = schedule[state.global_step]
+
+    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)), callbacks=[AnnealTau()])
+    trainer.train()
+    assert history(trainer, "dgpo/tau") == schedule
+
+
+def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_dataset, tmp_path):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
+    stats = _weights_with_spread(0.05, rows=3)
+    mask = torch.ones(3, 24, dtype=torch.long)
+    trainer.model.train()
+    for tau in (0.5, 0.05, np.float32(0.01)):
+        trainer.args.dgpo_tau = tau
+        inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
+                  "advantages": torch.tensor([1.0, -1.0, 0.5])}
+        trainer._apply_token_weights(inputs, stats, torch.arange(3))
+        expected = (stats.hellinger.double() / float(tau)).softmax(-1) * 24
+        torch.testing.assert_close(trainer.last_token_weights["weights"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("dgpo_tau", -3.0, r"dgpo_tau must be a finite number > 0, got -3.0\."),
+        ("dgpo_kappa", float("nan"), r"dgpo_kappa must be a finite number >= 0, got nan\."),
+        ("dgpo_score", "uniform", r"dgpo_score cannot change between 'uniform' and \['hellinger', 'reverse_kl'\]"),
+    ],
+)
+def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, reversal_train_dataset, tmp_path,
+                                                               field, value, message):
+    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                          args=DGPOConfig(**cpu_args(tmp_path)))
+    setattr(trainer.args, field, value)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0  # refused at the first batch, before any update
 
 
 def _module_kernels(model):

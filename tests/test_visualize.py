@@ -308,3 +308,63 @@ def test_callback_draws_nothing_without_token_weights(tiny_model_path, tmp_path)
     trainer.add_callback(callback)
     trainer.train()
     assert callback.written == [] and not (tmp_path / "run" / "token_weights").exists()
+
+
+def test_evaluation_heatmaps_get_their_own_files_and_titles(tiny_model_path, tmp_path):
+    from dgpo_trl import DGPOConfig, DGPOTrainer
+
+    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=2,
+                                 per_device_eval_batch_size=16))
+    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(64),
+                          eval_dataset=reversal_dataset(4, seed=5))
+    kept = []  # (training?, the weights the trainer kept for that mode) after each scored batch
+    apply = trainer._apply_token_weights
+
+    def spy(inputs, stats, rows):
+        apply(inputs, stats, rows)
+        training = trainer.model.training
+        kept.append((training, getattr(trainer, "last_token_weights" if training else "last_eval_token_weights", None)))
+
+    trainer._apply_token_weights = spy
+    trainer.add_callback(TokenWeightHeatmapCallback(trainer, num_completions=3))
+    trainer.train()
+
+    train_weights = [w for training, w in kept if training]
+    eval_weights = [w for training, w in kept if not training]
+    assert len(train_weights) == 2 and len(eval_weights) == 2  # 2 steps; 32 eval completions in batches of 16
+    assert trainer.last_token_weights is train_weights[-1]  # evaluation did not replace the training batch's
+    assert trainer.last_eval_token_weights is eval_weights[-1] is not None
+    directory = tmp_path / "run" / "token_weights"
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "eval_step_000002.html", "eval_step_000002.png",
+        "step_000001.html", "step_000001.png", "step_000002.html", "step_000002.png",
+    ]
+    tokenizer = trainer.processing_class
+
+    def page(weights, title):
+        return heatmap_html(completions_from_token_weights(weights, tokenizer, 3), title=title)
+
+    # Each file draws its own batch under its own title: step 2's training heatmap is the training batch's
+    assert (directory / "step_000002.html").read_text() == page(train_weights[1], "DGPO token weights, step 2")
+    assert (directory / "eval_step_000002.html").read_text() == page(
+        eval_weights[1], "DGPO token weights, evaluation at step 2"
+    )
+    assert not torch.equal(train_weights[1]["completion_ids"], eval_weights[1]["completion_ids"])
+
+
+def test_evaluation_of_several_named_datasets_keeps_one_file_each(tiny_model_path, tmp_path):
+    from dgpo_trl import DGPOConfig, DGPOTrainer
+
+    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, eval_strategy="steps", eval_steps=1,
+                                 per_device_eval_batch_size=16))
+    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(32),
+                          eval_dataset={"short": reversal_dataset(2, seed=5, max_digits=3),
+                                        "long": reversal_dataset(2, seed=6, min_digits=6)})
+    trainer.add_callback(TokenWeightHeatmapCallback(trainer, num_completions=2, formats=("html",)))
+    trainer.train()
+    directory = tmp_path / "run" / "token_weights"
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "eval_long_step_000001.html", "eval_short_step_000001.html", "step_000001.html"
+    ]
+    assert "<h2>DGPO token weights, evaluation on long at step 1</h2>" in (
+        directory / "eval_long_step_000001.html").read_text()
