@@ -128,6 +128,34 @@ def _two_node_commands(config: str, port: int) -> list[list[str]]:
     return commands
 
 
+def _run_process_groups(commands: list[list[str]], env: dict, name: str) -> list[tuple[int, str]]:
+    """Runs the commands side by side (the nodes of one launch), each in a process group of its own, and returns each
+    one's (return code, output). Whatever happens (a deadlock hits LAUNCH_TIMEOUT, a test is interrupted), every group
+    still running at the end is killed by its id, ranks included."""
+    procs = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        for command in commands
+    ]
+    outcomes = []
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        for proc in procs:
+            try:
+                log = proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0]
+                outcomes.append((proc.returncode, log))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}: launch did not finish in {LAUNCH_TIMEOUT} s (deadlock?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    return outcomes
+
+
 def _launch(name: str, model: str, out: Path) -> dict:
     if name in NODE_LAUNCHES:
         backend, runs = NODE_LAUNCHES[name]
@@ -145,33 +173,15 @@ def _launch(name: str, model: str, out: Path) -> dict:
     ]  # fmt: skip
     if name in ARCHITECTURE_LAUNCHES:
         worker_args.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor picks Qwen2Tokenizer for Qwen2)
-    env = _launch_environment(extra_env)
     start = time.perf_counter()
-    # Each launch in its own process group, so a hung one (deadlocked ranks) is killed as a whole at the timeout; a
-    # second node's launch, too, is stopped by its group id in the end, whatever happened to the first
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", *launch_args, *worker_args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        for launch_args in commands
-    ]
-    logs = []
-    try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        for proc in procs:
-            try:
-                logs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{name}: launch did not finish in {LAUNCH_TIMEOUT} s (deadlock?)")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate()
+    outcomes = _run_process_groups(
+        [[sys.executable, "-m", "accelerate.commands.launch", *launch_args, *worker_args] for launch_args in commands],
+        _launch_environment(extra_env),
+        name,
+    )
     wall = time.perf_counter() - start
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, f"{name}: launch failed with {proc.returncode}\n{log[-8000:]}"
+    for returncode, log in outcomes:
+        assert returncode == 0, f"{name}: launch failed with {returncode}\n{log[-8000:]}"
     results = {
         run: [torch.load(out / f"{run}_rank{rank}.pt", weights_only=False) for rank in (0, 1)]
         for run in runs.split(",")
@@ -532,9 +542,8 @@ def test_fsdp2_example_script_trains_and_saves(tiny_model, tmp_path):
         "--output_dir", str(output_dir),
     ]  # fmt: skip
     env = _launch_environment({"PYTHONPATH": os.pathsep.join([str(CPU_FSDP_PATCH), str(ROOT / "tests")])})
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-8000:]
+    [(returncode, log)] = _run_process_groups([command], env, "examples/dgpo.py")
+    assert returncode == 0, log[-8000:]
     assert "Model saved to" in log
     logged = [line for line in log.splitlines() if "'dgpo/scored_fraction'" in line]
     assert len(logged) == 2, log[-4000:]  # both steps, logged by the main process
