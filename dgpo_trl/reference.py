@@ -42,10 +42,10 @@ def backbone_forward(root: torch.nn.Module, model: torch.nn.Module, model_inputs
 
     `root` is the module a normal forward of the model calls (the FSDP2 root, a DeepSpeed engine, or the model), and
     `model` the model under it (a `PreTrainedModel` or `PeftModel`). For one call, the causal LM's forward (the method
-    TRL's fused LM head replaces) runs the backbone and `head` instead, so every module from the root down to the causal
-    LM runs with the hooks its engine installed, as in a normal forward: FSDP2 unshards the root's own parameters (the
-    embedding among them) and ZeRO-3 traces the same module order; a backbone called on its own can meet sharded
-    parameters, depending on what ran before. The LM-head module is never called (under ZeRO-3 a call of the policy's
+    TRL's fused LM head replaces) runs the backbone and `head` instead, so every module from the root down to the
+    causal LM runs with the hooks its engine installed, as in a normal forward: FSDP2 unshards the root's own
+    parameters (the embedding among them) and ZeRO-3 traces the same module order; a backbone called on its own can
+    meet sharded parameters, depending on what ran before. The LM-head module is never called (under ZeRO-3 a call of the policy's
     before its training forward corrupts the backward); a `head` that reads the LM-head weights reads them where TRL's
     fused head does, inside the causal LM's forward (ZeRO-3 registers them there as that module's parameters). The
     causal LM's own forward is restored afterwards, also when the call raises.
@@ -108,7 +108,8 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
             missing, extra = sorted(names.keys() - copy_names.keys()), sorted(copy_names.keys() - names.keys())
             raise RuntimeError(
                 f"Copying {type(model).__name__} for DGPO's reference gave other {kind} than the model's (built from "
-                f"its config: missing {missing[:5]}, unexpected {extra[:5]}). Pass the model's path as a string instead."
+                f"its config: missing {missing[:5]}, unexpected {extra[:5]}). Pass the model's path as a string "
+                "instead."
             )
     for name, param in params.items():
         with deepspeed.zero.GatheredParameters([param]), deepspeed.zero.GatheredParameters(
@@ -182,7 +183,8 @@ def prepare_reference_model(trainer, ref_model: torch.nn.Module) -> torch.nn.Mod
         disable_dropout_in_model(ref_model)
     if trainer.args.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(ref_model)
-    add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    cast = trainer.args.cast_lm_head_to_fp32
+    add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=cast)
     accelerator = trainer.accelerator
     if trainer.is_deepspeed_enabled:
         return prepare_deepspeed(ref_model, accelerator)

@@ -131,7 +131,7 @@ class _JointPass:
         # Position t's hidden state predicts token t + 1; only completion tokens carry a label
         targets = labels[:, 1:]
         mask = targets != -100
-        per_position = TokenStatistics(*(mask.new_zeros(mask.shape, dtype=torch.float32) for _ in TokenStatistics._fields))
+        per_position = TokenStatistics(*(torch.zeros(mask.shape, device=mask.device) for _ in TokenStatistics._fields))
         self.chunks.append(per_position)
         if self.scoring:
             # Rows without a completion token (e.g. truncated and masked) need neither forward
@@ -354,7 +354,8 @@ class DGPOTrainer(GRPOTrainer):
         if self.args.cast_lm_head_to_fp32:
             policy_hidden, ref_hidden = policy_hidden.float(), ref_hidden.float()
         # Collective under ZeRO-3 (and FSDP2): every rank runs it once per chunk, whatever its number of tokens
-        with torch.no_grad(), maybe_gather_lm_head_ctx(policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias):
+        heads = (policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias)
+        with torch.no_grad(), maybe_gather_lm_head_ctx(*heads):
             return token_statistics(
                 policy_hidden,
                 _full(policy_head.weight),
@@ -545,7 +546,7 @@ class DGPOTrainer(GRPOTrainer):
                 self.last_token_weights = shown_weights
             else:
                 self.last_eval_token_weights = shown_weights
-        if self.beta != 0.0:  # every row with a valid token was scored (see `_rows_wanted`); the others have no KL term
+        if self.beta != 0.0:  # every row with a valid token was scored (`_rows_wanted`); the others have no KL term
             ref_logps = torch.zeros_like(weights)
             ref_logps[rows] = stats.ref_logps
             inputs["ref_per_token_logps"] = ref_logps

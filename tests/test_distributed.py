@@ -172,7 +172,7 @@ def _launch(name: str, model: str, out: Path) -> dict:
         "--steps", str(STEPS), "--starve-rank", str(STARVE_RANK), "--starve-step", str(STARVE_STEP),
     ]  # fmt: skip
     if name in ARCHITECTURE_LAUNCHES:
-        worker_args.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor picks Qwen2Tokenizer for Qwen2)
+        worker_args.append("--char-tokenizer")  # the saved char tokenizer (AutoProcessor picks Qwen2Tokenizer)
     start = time.perf_counter()
     outcomes = _run_process_groups(
         [[sys.executable, "-m", "accelerate.commands.launch", *launch_args, *worker_args] for launch_args in commands],
@@ -317,7 +317,8 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None):
             compared += int(mask.sum())
             all_weights.append(record["weights"][mask])
             errors["weights"] = max(errors["weights"], (record["weights"][mask] - expected[mask]).abs().max().item())
-    label = f"{result_pair[0]['distributed_type']} {result_pair[0]['run']} ({result_pair[0]['machine']['LOCAL_WORLD_SIZE']} per node)"
+    first = result_pair[0]
+    label = f"{first['distributed_type']} {first['run']} ({first['machine']['LOCAL_WORLD_SIZE']} per node)"
     print(f"\n[distributed] {label}: max error vs float64 over {compared} tokens: "
           + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     return compared, torch.cat(all_weights).std().item()
@@ -517,7 +518,9 @@ def test_fsdp2_resume_from_checkpoint_reproduces_the_later_steps(launched):
         for name, value in checkpointed[rank]["final_params"].items():
             torch.testing.assert_close(resumed[rank]["final_params"][name], value, atol=1e-6, rtol=0, msg=name)
     # The resumed log history is the checkpoint's (steps 1-2) plus its own steps 3-4, with the same losses
-    logged = [[(h["step"], h["loss"]) for h in run[0]["log_history"] if "loss" in h] for run in (checkpointed, resumed)]
+    logged = [
+        [(h["step"], h["loss"]) for h in run[0]["log_history"] if "loss" in h] for run in (checkpointed, resumed)
+    ]
     assert [step for step, _ in logged[1]] == [1, 2, 3, 4]
     for (step, loss), (_, resumed_loss) in zip(*logged):
         assert resumed_loss == pytest.approx(loss, rel=1e-5, abs=1e-7), step
@@ -623,8 +626,8 @@ CROSS_BACKEND = {
 @slow
 @pytest.mark.parametrize("run", list(CROSS_BACKEND))
 def test_weights_identical_whichever_backend(launched, run):
-    """DDP, ZeRO-2, ZeRO-3 and FSDP2 run the same seeds on the same data. Where a rank drew the same completions at a step
-    (all of them here: sampling is seeded per rank, and the parameters agree to float precision), it must have
+    """DDP, ZeRO-2, ZeRO-3 and FSDP2 run the same seeds on the same data. Where a rank drew the same completions at a
+    step (all of them here: sampling is seeded per rank, and the parameters agree to float precision), it must have
     computed the same token weights; with the same completions throughout, training ends at the same parameters
     (ZeRO-3, FSDP2 and LoRA included: DGPO's extra forwards and LM-head gathers between the training forward and
     backward do not disturb the gradients)."""

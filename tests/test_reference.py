@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import cpu_args
+from toolkit_fixtures import length_reward
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.reference import REFERENCE_ADAPTER, backbone_forward, causal_lm
 from dgpo_trl.tiny import exact_match_reward
-from toolkit_fixtures import length_reward
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,8 @@ def test_a_partitioned_copy_pairs_buffers_by_name(tiny_model_path, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout[-2000:] + result.stderr[-4000:]
+    log = result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.returncode == 0 and result.stdout.strip().endswith("OK"), log
 
 
 def _free_port() -> int:

@@ -273,7 +273,9 @@ def run(name: str, cli, dataset, out: Path) -> None:
         # TRL's vLLM branch (server mode) with a stand-in engine: the trainer's model does not generate
         trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, "server", -1
         tokenizer = trainer.processing_class
-        trainer.vllm_generation = StandInServer(len(tokenizer), tokenizer.eos_token_id, args.max_completion_length, rank)
+        trainer.vllm_generation = StandInServer(
+            len(tokenizer), tokenizer.eos_token_id, args.max_completion_length, seed=rank
+        )
 
     records = []
     ref_forwards, divergence_passes, policy_forwards = Counter(), Counter(), Counter()
@@ -423,7 +425,8 @@ def instrument(trainer, records, ref_forwards, divergence_passes, policy_forward
         return original_divergence(*a, **k)
 
     trainer._divergence_pass = counting_divergence
-    return [handle.remove for handle in handles] + [lambda: setattr(dgpo_trainer, "tau_for_target_ess", original_tau_search)]
+    restore_tau_search = lambda: setattr(dgpo_trainer, "tau_for_target_ess", original_tau_search)  # noqa: E731
+    return [handle.remove for handle in handles] + [restore_tau_search]
 
 
 def main():
