@@ -7,6 +7,10 @@ For each (N tokens, V vocabulary, H hidden) it times, side by side in one proces
           one is the floor, so the ratio is never flattered by a slow floor;
 - tiles:  `token_statistics(..., use_triton=False)`, the chunked torch path;
 - fused:  `token_statistics(..., use_triton=True)`, the fused Triton kernel (CUDA with Triton only);
+- trl_heads: TRL's fused log-prob head (`trl.kernels.ChunkedLogProbFunction`) on both models, the policy with its
+          entropy: what TRL's scoring-time passes project for GRPO(beta=0.04) off-policy (old log-probs and reference
+          log-probs), and what DGPO's pass replaces there. On the aligned path GRPO(beta=0.04) projects the
+          reference only, about half of it;
 - naive:  full-vocabulary fp32 logits and log-softmax of both models (what the tiles avoid), skipped where its
           logits would exceed --naive-max-gib.
 Ratios are to the floor measured in the same run. Peak memory is the extra memory of one call beyond its inputs
@@ -70,6 +74,17 @@ def floor_pass(policy_hidden, policy_weight, ref_hidden, ref_weight, token_chunk
     return buf_p, buf_q
 
 
+def trl_heads(policy_hidden, policy_weight, ref_hidden, ref_weight, labels):
+    """TRL's fused head over the same tokens for both models: policy log-probs and entropy, reference log-probs."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    common = (None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0)
+    policy = ChunkedLogProbFunction.apply(policy_hidden, policy_weight, *common, ("log_probs", "entropy"))
+    reference = ChunkedLogProbFunction.apply(ref_hidden, ref_weight, *common, ("log_probs",))
+    return policy, reference
+
+
 def naive_pass(policy_hidden, policy_weight, ref_hidden, ref_weight, labels):
     """Full-vocabulary fp32 logits of both models, then every statistic from full log-softmaxes."""
 
@@ -111,7 +126,7 @@ def methods_for(device, fused_available):
     names = ["floor_tiles", "floor_large", "tiles"]
     if fused_available:
         names.append("fused")
-    names.append("naive")
+    names += ["trl_heads", "naive"]
     return names
 
 
@@ -122,6 +137,7 @@ def run_case(n, vocab, hidden, args, device, dtype, fused_available):
         "floor_large": lambda: floor_pass(h_p, w_p, h_q, w_q, 4096, 32768),
         "tiles": lambda: token_statistics(h_p, w_p, h_q, w_q, labels, use_triton=False),
         "fused": lambda: token_statistics(h_p, w_p, h_q, w_q, labels, use_triton=True),
+        "trl_heads": lambda: trl_heads(h_p, w_p, h_q, w_q, labels),
         "naive": lambda: naive_pass(h_p, w_p, h_q, w_q, labels),
     }
     names = methods_for(device, fused_available)
