@@ -325,8 +325,6 @@ def section_divergence(dry: bool, device) -> dict:
     result = dict(dtype=str(dtype), fused_kernel=fused, rows=rows, summary=summary, targets=targets)
     if not fused:
         result["fused"] = "skipped: the fused kernel needs a CUDA device and Triton"
-    if device.type == "cpu":
-        result["memory_note"] = "CPU dry run: peak RSS without the benchmark's mmap-threshold re-exec (indicative)"
     if errors:
         result["errors"] = errors
         raise SectionFailed(f"{len(errors)} case(s) failed: " + "; ".join(
