@@ -43,6 +43,12 @@ Configurations (`--configs PATH:ZERO:HEAD ...`):
   carry to a GPU are the `completion` ones, and the difference between the two is the CPU-only effect. On CUDA
   TRL's own path is compact, so only `completion` exists there.
 
+Memory allocator (`--allocator`): by default (`reuse`) the measuring processes run glibc with mmap and heap trimming
+off, so freed memory is reused as torch's CUDA caching allocator reuses its blocks. With glibc's defaults (`glibc`)
+every block above its mmap threshold gets fresh pages from the kernel and returns them at free, so each large tensor
+costs page faults on every use: on the virtual machines this was built on, 15-30% of a tiny-shape cycle's CPU time,
+different per trainer, and none of it on a GPU. Each cycle also records the process's CPU time and minor page faults.
+
 Peak memory: on CPU the process's peak resident set (VmHWM) from the start of `train()` (reset through
 /proc/self/clear_refs), so the model loading's transient is left out and the resident policy, reference and optimizer
 state are in; on a GPU torch.cuda.max_memory_allocated from the same point.
@@ -683,8 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: 2 for qwen2.5-0.5b on CPU, else 1: tiny models run "
                              "~10x faster with 1 thread than with 2 on these 2-core machines)")
-    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="glibc",
-                        help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS)")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="reuse",
+                        help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
+                             "defaults, with the page faults a GPU's caching allocator does not have)")
     parser.add_argument("--max-load", type=float, default=None,
                         help="wait before each process until the 1-minute load average is below this (shared machines)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -709,7 +716,7 @@ def resolve(args) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if kind == "cuda" else "float32")
     args.configs = args.configs or DEFAULTS[kind]["configs"]
     args.threads = args.threads or (2 if args.shape == "qwen2.5-0.5b" and kind == "cpu" else 1)
-    args.stem = args.stem or f"steps_{args.shape}_{kind}" + ("" if args.allocator == "glibc" else f"_{args.allocator}")
+    args.stem = args.stem or f"steps_{args.shape}_{kind}" + ("" if args.allocator == "reuse" else f"_{args.allocator}")
     return args
 
 
