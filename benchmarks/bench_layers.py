@@ -14,7 +14,8 @@ batches per generation):
   training forward and its old-log-prob and reference passes run; on the completion positions only, TRL's path on a
   GPU) forward, and forward + backward; generation's projection and sampling, L tokens;
 - DGPO's divergence pass (`dgpo_trl.functional.token_statistics`: two LM heads) on the same tokens;
-- one fused AdamW step (the Trainer's default), per parameter (on one decoder layer's parameters), scaled to the model's parameter count.
+- one fused AdamW step (the Trainer's default), per parameter (on at least 2^27 parameters, copies of a decoder
+  layer's), scaled to the model's parameter count.
 
 `compose` adds them up as the trainers run them, per generation cycle and variant (see its docstring), with
 `layers` decoder layers. Peak memory is projected likewise: resident tensors (policy, its gradients, AdamW's two
@@ -181,11 +182,13 @@ def measure_head(spec, tokens: dict, rows: dict, completion: int, repeats: int, 
     return out
 
 
-def measure_adamw(spec, repeats: int, device) -> float:
-    """Seconds per parameter of one AdamW step (fused, as the Trainer's default `adamw_torch_fused`; weight decay 0), on
-    one decoder layer's parameters."""
+def measure_adamw(spec, repeats: int, device, min_params: int = 2**27) -> float:
+    """Seconds per parameter of one AdamW step (fused, as the Trainer's default `adamw_torch_fused`; weight decay 0),
+    over copies of one decoder layer's parameters totalling at least `min_params`: an optimizer step streams its
+    parameters, gradients and two states through memory, and a set that fits in the caches would time too fast."""
     layer = backbone(spec, 1).layers[0].to(device)
-    params = list(layer.parameters())
+    copies = -(-min_params // sum(p.numel() for p in layer.parameters()))
+    params = [torch.nn.Parameter(p.detach().clone()) for _ in range(copies) for p in layer.parameters()]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     optimizer = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True)

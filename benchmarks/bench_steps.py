@@ -428,6 +428,11 @@ def run_benchmark(args, progress=None) -> dict:
           f"(load average {os.getloadavg()[0]:.2f})", flush=True)
     started = time.perf_counter()
     for i, (round_, config, variant) in enumerate(todo):
+        elapsed = time.perf_counter() - started
+        if args.budget_s is not None and i and elapsed + elapsed / i > args.budget_s:
+            print(f"# the {args.budget_s:.0f}s budget would run out during the next process: stopping after {i} "
+                  f"(the same command resumes)", flush=True)
+            break
         wait_for_quiet(args.max_load)
         spec = dict(settings, config=config.key, variant=variant, round=round_, model_path=str(model_path),
                     warmup=args.warmup_cycles.get(config.path, 1), cycles=args.timed_cycles.get(config.path, 1))
@@ -654,12 +659,13 @@ def report(summary: dict) -> str:
     for (path, zero, head, ratio), r in by_key.items():
         other = by_key.get((path, zero, "all", ratio))
         if head == "completion" and other and not ratio.startswith("floor"):
+            cpu = [_f((x.get("cpu") or {}).get("mean")) for x in (r, other)]
             effect.append(f"| {path}:{zero:g} | {' '.join(NAMES.get(w, w) for w in ratio.split(' '))} | "
-                          f"{_f(r['cycle']['mean'])} | {_f(other['cycle']['mean'])} |")
+                          f"{_f(r['cycle']['mean'])} ({cpu[0]}) | {_f(other['cycle']['mean'])} ({cpu[1]}) |")
     if effect:
-        lines += ["", "CPU-only effect (TRL's fused head projecting every position on CPU):", "",
-                  "| path:zero | ratio | TRL projects completion positions (as on a GPU) | every position (TRL on "
-                  "CPU) |", "| --- | --- | --- | --- |", *effect]
+        lines += ["", "CPU-only effect (TRL's fused head projecting every position on CPU); cycle-time ratio (CPU-time "
+                      "ratio):", "", "| path:zero | ratio | TRL projects completion positions (as on a GPU) | every "
+                      "position (TRL on CPU) |", "| --- | --- | --- | --- |", *effect]
     if summary.get("targets"):
         lines += ["", "| target | measured | met? |", "| --- | --- | --- |"]
         for t in summary["targets"]:
@@ -692,8 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="reuse",
                         help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
                              "defaults, with the page faults a GPU's caching allocator does not have)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no process that would, at the mean process time so far, end after this many "
+                             "seconds (the runs file keeps what finished; the same command resumes)")
     parser.add_argument("--max-load", type=float, default=None,
-                        help="wait before each process until the 1-minute load average is below this (shared machines)")
+                        help="wait before each process until the 1-minute load average is below this (shared machines; "
+                             "set it above the benchmark's own threads, whose load lingers in the average)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")

@@ -21,8 +21,8 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
 - steps:       `benchmarks/bench_steps.py`'s benchmark with its own definitions (the CPU figures' batch, lengths and
                configurations), at the random-init Qwen2.5-0.5B shape (bf16, V = 151936): DGPO vs GRPO(beta=0.04) vs
                GRPO(beta=0), aligned (every completion scored, and 40% zero-advantage groups) and off-policy
-               (steps_per_generation 2), one process per trainer, 2 rounds, torch.cuda.max_memory_allocated. Its
-               runs file lands in `$OUT/steps/`.
+               (steps_per_generation 2), one process per trainer, as many rounds (up to 3) as fit in the section's
+               time, torch.cuda.max_memory_allocated. Its runs file lands in `$OUT/steps/`.
 
 A failing section is recorded (status "failed", the error, the end of its output) and the kit goes on. Everything
 lands in `$OUT/gpu_check.json` and `$OUT/gpu_check.log` (`--out DIR` where $OUT is unset; default
@@ -437,7 +437,10 @@ def section_steps(dry: bool, device, partial_path: Path) -> dict:
                 "--batch", "4", "--generations", "4", "--max-completion-length", "4",
                 "--timed-cycles", '{"aligned": 2, "offpolicy": 1}', "--warmup-cycles", '{"aligned": 1, "offpolicy": 1}']
     else:
-        argv = ["--shape", "qwen2.5-0.5b", "--rounds", "2"]
+        # As many rounds as fit in the section's time (a round is 9 processes: 3 configurations x 3 trainers)
+        # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
+        limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
+        argv = ["--shape", "qwen2.5-0.5b", "--rounds", "3", "--budget-s", f"{limit - 30:.0f}"]
     # The kit's output folder ($OUT on the device machine: it comes back), which the parent passes down
     out = Path(os.environ.get("DGPO_GPU_CHECK_OUT", partial_path.parent)) / "steps"
     argv += ["--device", device.type, "--out", str(out), "--stem", "steps_gpu_check"]
@@ -583,8 +586,9 @@ def main():
                    str(result_path)] + (["--dry-run"] if args.dry_run else [])
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, timeout=limit)
+                # The section's time limit goes down too: the steps section sizes its rounds to it
+                proc = subprocess.run(cmd, env=dict(env, DGPO_GPU_CHECK_LIMIT_S=f"{limit:.0f}"), cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=limit)
                 output, returncode, timed_out = proc.stdout, proc.returncode, False
             except subprocess.TimeoutExpired as expired:
                 output = expired.stdout or ""
