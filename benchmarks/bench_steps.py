@@ -576,8 +576,9 @@ def summarize(runs: list[dict]) -> dict:
                 continue
             entry = dict(where, ratio=f"{a} / {b}", rounds=paired)
             for key in ("cycle_ms", "score_ms", "train_ms", "generate_ms", "generate_cpu_ms", "cpu_ms", "peak_mib"):
-                values = [means[a][r][key] / means[b][r][key] for r in paired
-                          if means[a][r][key] and means[b][r][key]]
+                # Aligned, only GRPO(beta=0.04) has a scoring-stage pass (DGPO scores at loss time): no ratio there
+                values = [] if key == "score_ms" and config.path == "aligned" else [
+                    means[a][r][key] / means[b][r][key] for r in paired if means[a][r][key] and means[b][r][key]]
                 entry[key.removesuffix("_ms").removesuffix("_mib")] = spread(values) if values else None
             ratios.append(entry)
         if "dgpo" in means and "grpo_beta0" in means:
@@ -624,9 +625,14 @@ def targets(ratios: list[dict]) -> list[dict]:
 
 
 def _f(value, digits=3):
+    """`digits` significant digits; whole numbers from there up (thousands separated), never an exponent."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
 
 
 def report(summary: dict) -> str:
