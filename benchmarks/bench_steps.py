@@ -53,8 +53,8 @@ Peak memory: on CPU the process's peak resident set (VmHWM) from the start of `t
 /proc/self/clear_refs), so the model loading's transient is left out and the resident policy, reference and optimizer
 state are in; on a GPU torch.cuda.max_memory_allocated from the same point.
 
-    python benchmarks/bench_steps.py --shape tiny --rounds 8          # 1 torch thread per process; ~25 min
-    python benchmarks/bench_steps.py --shape qwen2.5-0.5b --rounds 4  # 2 threads, ~12 GiB per process
+    python benchmarks/bench_steps.py --shape tiny --rounds 6          # 1 torch thread per process; ~4 min a round
+    python benchmarks/bench_steps.py --shape qwen2.5-0.5b --rounds 5  # 2 threads, ~12 GiB per process; ~20 min a round
     python benchmarks/bench_steps.py --report benchmarks/results/steps_tiny_cpu.runs.jsonl   # tables of a run
 Every finished process is appended to `<out>/<stem>.runs.jsonl`; running the same command again resumes: it skips
 what is there and adds rounds up to `--rounds`.
