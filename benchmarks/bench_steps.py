@@ -84,7 +84,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, format_table, machine_info, write_results  # noqa: E402
+from _common import RESULTS_DIR, machine_info, set_malloc, write_results  # noqa: E402
 
 
 # Random-init Qwen2-family shapes. qwen2.5-7b is only measured layer by layer (bench_layers.py): it does not fit here.
@@ -287,7 +287,12 @@ def measure(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    parts = dict(generate=0.0, stage=0.0, ref_forward=0.0, ref_calls=0, generate_cpu=0.0)
+    parts = {}
+
+    def reset_parts():
+        parts.update(generate=0.0, stage=0.0, generate_cpu=0.0, stage_cpu=0.0, ref_forward=0.0, ref_calls=0)
+
+    reset_parts()
 
     def cpu_usage():
         # The process's CPU time and minor page faults (first touches of fresh memory: on CPU, every large tensor is
@@ -304,8 +309,7 @@ def measure(spec: dict) -> dict:
             finally:
                 sync()
                 parts[key] += time.perf_counter() - start
-                parts[key + "_cpu"] = parts.get(key + "_cpu", 0.0) + sum(
-                    cpu_usage()[k] - usage[k] for k in ("user_s", "sys_s"))
+                parts[key + "_cpu"] += sum(cpu_usage()[k] - usage[k] for k in ("user_s", "sys_s"))
 
         return wrapper
 
@@ -357,7 +361,7 @@ def measure(spec: dict) -> dict:
             usage = cpu_usage()
             cycle.update({k: usage[k] - self.usage[k] for k in usage})
             record["cycles"].append(cycle)
-            parts.update(generate=0.0, stage=0.0, ref_forward=0.0, ref_calls=0, generate_cpu=0.0, stage_cpu=0.0)
+            reset_parts()
             self.start, self.usage = time.perf_counter(), usage
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -392,10 +396,10 @@ def measure(spec: dict) -> dict:
 
 SETTINGS = ("shape", "device", "dtype", "threads", "batch", "generations", "max_completion_length", "warmup_cycles",
             "timed_cycles", "allocator")
-# glibc's malloc gives every block above its mmap threshold (at most 32 MiB) fresh pages from the kernel and returns
-# them at free, so each large tensor costs page faults and zeroing on every use; torch's CUDA caching allocator keeps
-# and reuses its blocks. `reuse` makes glibc do the same on CPU: no mmap, and the heap never trimmed.
-ALLOCATORS = {"glibc": {}, "reuse": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}}
+# How the measuring processes' glibc treats freed memory: "reuse" keeps it, as torch's CUDA caching allocator keeps its
+# blocks (`_common.set_malloc`); "glibc" leaves its defaults, which give every block above the mmap threshold fresh
+# pages from the kernel and take them back at free (page faults on every use of a large tensor: CPU-only)
+ALLOCATORS = ("reuse", "glibc")
 
 
 def settings_of(args) -> dict:
@@ -439,7 +443,7 @@ def run_benchmark(args, progress=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="dgpo_bench_") as tmp:
             spec["output_dir"] = tmp
             result_path = Path(tmp) / "result.json"
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **ALLOCATORS[args.allocator])
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run([sys.executable, __file__, "--child-measure", json.dumps(spec), str(result_path)],
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if proc.returncode != 0 or not result_path.exists():
@@ -701,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: 2 for qwen2.5-0.5b on CPU, else 1: tiny models run "
                              "~10x faster with 1 thread than with 2 on these 2-core machines)")
-    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="reuse",
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse",
                         help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
                              "defaults, with the page faults a GPU's caching allocator does not have)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -742,7 +746,10 @@ def main():
         return
     if sys.argv[1:2] == ["--child-measure"]:
         _die_with_parent()
-        result = measure(json.loads(sys.argv[2]))
+        spec = json.loads(sys.argv[2])
+        if spec["allocator"] == "reuse":
+            set_malloc("reuse")  # before the model and the trainer allocate anything large
+        result = measure(spec)
         Path(sys.argv[3]).write_text(json.dumps(result))
         return
     args = build_parser().parse_args()
