@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import os
 import platform
@@ -68,8 +69,9 @@ def peak_extra_memory(fn, device: torch.device) -> int:
     """Peak memory (bytes) `fn` needs beyond what was allocated before it, outputs included.
 
     CUDA: `torch.cuda.max_memory_allocated` after a reset. CPU: tracemalloc does not see torch's allocations, so this
-    reads the process's peak resident set: reset VmHWM, note VmRSS, call, read VmHWM. It is honest only when freed
-    memory goes back to the OS, which `ensure_mmap_threshold` arranges (glibc otherwise keeps freed heap pages).
+    reads the process's peak resident set: reset VmHWM, note VmRSS, call, read VmHWM. That is honest only while freed
+    memory goes back to the OS, so the call runs with glibc in its "return" mode (`set_malloc`), and the "reuse" mode
+    the timings run in is restored after it.
     """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -80,21 +82,48 @@ def peak_extra_memory(fn, device: torch.device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - before
         del out
         return peak
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _proc_status_kib("VmRSS")
-    out = fn()
-    peak = _proc_status_kib("VmHWM") - before
-    del out
+    set_malloc("return")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _proc_status_kib("VmRSS")
+        out = fn()
+        peak = _proc_status_kib("VmHWM") - before
+        del out
+    finally:
+        set_malloc("reuse")
     return peak * 1024
 
 
-def ensure_mmap_threshold() -> None:
-    """Re-executes this script with glibc's mmap threshold fixed at 64 KiB, so every tensor larger than that is
-    mmapped and returned to the OS when freed: the peak RSS then measures what a call allocates, not what an earlier
-    call left in the heap. (A fixed threshold also stops glibc from raising it after large frees.)"""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def set_malloc(mode: str) -> None:
+    """Switches glibc's malloc, in this process, between two behaviours (a no-op where libc is not glibc):
+
+    - "reuse": no block is mmapped and the heap is never trimmed, so freed memory is reused without page faults, as
+      torch's CUDA caching allocator reuses its blocks. Timings run in this mode: by default glibc gives every block
+      above its mmap threshold (at most 32 MiB) fresh pages from the kernel and returns them at free, so a call that
+      allocates large temporaries pays page faults and zeroing on every use, a CPU-only cost (expensive on virtual
+      machines that hand freed memory back to the host) that no GPU run has.
+    - "return": every block above 64 KiB is mmapped and returned at free, after the heap's free pages are released:
+      the peak resident set then measures what a call allocates, not what earlier calls left in the heap.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    if mode == "reuse":
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes an int: 2 GiB of free top before any trim
+    elif mode == "return":
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(_M_MMAP_MAX, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    else:
+        raise ValueError(mode)
 
 
 def median(values):

@@ -7,6 +7,10 @@ For each (N tokens, V vocabulary, H hidden) it times, side by side in one proces
           one is the floor, so the ratio is never flattered by a slow floor;
 - tiles:  `token_statistics(..., use_triton=False)`, the chunked torch path;
 - fused:  `token_statistics(..., use_triton=True)`, the fused Triton kernel (CUDA with Triton only);
+- trl_heads: TRL's fused log-prob head (`trl.kernels.ChunkedLogProbFunction`) on both models, the policy with its
+          entropy: what TRL's scoring-time passes project for GRPO(beta=0.04) off-policy (old log-probs and reference
+          log-probs), and what DGPO's pass replaces there. On the aligned path GRPO(beta=0.04) projects the
+          reference only, about half of it;
 - naive:  full-vocabulary fp32 logits and log-softmax of both models (what the tiles avoid), skipped where its
           logits would exceed --naive-max-gib.
 Ratios are to the floor measured in the same run. Peak memory is the extra memory of one call beyond its inputs
@@ -32,11 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    ensure_mmap_threshold,
     format_table,
     machine_info,
     median,
     peak_extra_memory,
+    set_malloc,
     time_call,
     write_results,
 )
@@ -68,6 +72,17 @@ def floor_pass(policy_hidden, policy_weight, ref_hidden, ref_weight, token_chunk
                 else:
                     torch.mm(hidden[t0:t1].float(), weight[v0:v1].float().t(), out=out)
     return buf_p, buf_q
+
+
+def trl_heads(policy_hidden, policy_weight, ref_hidden, ref_weight, labels):
+    """TRL's fused head over the same tokens for both models: policy log-probs and entropy, reference log-probs."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    common = (None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0)
+    policy = ChunkedLogProbFunction.apply(policy_hidden, policy_weight, *common, ("log_probs", "entropy"))
+    reference = ChunkedLogProbFunction.apply(ref_hidden, ref_weight, *common, ("log_probs",))
+    return policy, reference
 
 
 def naive_pass(policy_hidden, policy_weight, ref_hidden, ref_weight, labels):
@@ -111,7 +126,7 @@ def methods_for(device, fused_available):
     names = ["floor_tiles", "floor_large", "tiles"]
     if fused_available:
         names.append("fused")
-    names.append("naive")
+    names += ["trl_heads", "naive"]
     return names
 
 
@@ -122,6 +137,7 @@ def run_case(n, vocab, hidden, args, device, dtype, fused_available):
         "floor_large": lambda: floor_pass(h_p, w_p, h_q, w_q, 4096, 32768),
         "tiles": lambda: token_statistics(h_p, w_p, h_q, w_q, labels, use_triton=False),
         "fused": lambda: token_statistics(h_p, w_p, h_q, w_q, labels, use_triton=True),
+        "trl_heads": lambda: trl_heads(h_p, w_p, h_q, w_q, labels),
         "naive": lambda: naive_pass(h_p, w_p, h_q, w_q, labels),
     }
     names = methods_for(device, fused_available)
@@ -225,7 +241,7 @@ def main():
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
-        ensure_mmap_threshold()
+        set_malloc("reuse")  # timings without page faults (peak_extra_memory switches for its own calls)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)

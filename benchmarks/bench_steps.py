@@ -1,760 +1,762 @@
-"""End-to-end benchmark of whole generation cycles: DGPO vs GRPO(beta=0.04) vs GRPO(beta=0), interleaved in one
-process.
+"""Step benchmark: DGPO vs GRPO(beta=0.04) vs GRPO(beta=0), one process per trainer, interleaved over rounds.
 
-Every variant is a real trainer (TRL's `GRPOTrainer` for the baselines, `DGPOTrainer` for DGPO) on the same model,
-data, batch, generation length, learning rate and seed. Each trainer's `train()` runs in its own thread, but a baton
-lets exactly one run at a time and passes it on after every optimizer step, so the steps are interleaved
-A B C A B C ... and machine drift hits every variant alike.
+Each measurement is one *process* that builds one trainer (TRL's `GRPOTrainer` for the baselines, `DGPOTrainer` for
+DGPO) from a model saved on disk beforehand, trains it for a few generation cycles and writes what it measured. The
+processes run one at a time, in rounds: round 1 runs every configuration's variants (A B C), round 2 runs them again
+with the order rotated (B C A), and so on. Each ratio is taken per round (DGPO's process against the baseline's of the
+same round, minutes apart) and then summarised over rounds: mean, median, spread and a 95% confidence half-width, with
+the number of rounds a +-3% resolution would need. Why processes, not threads in one process: identical work costs the
+same in every process, whereas in one shared process it did not (docs/performance.md: GRPO(beta=0.04)'s generation
+and training steps measured 20-40% slower there); peak memory is the process's own; and at Qwen2.5-0.5B's shape three
+trainers do not fit in 24 GiB at once.
 
-What is timed is a *generation cycle*: one generation plus the optimizer steps trained on it (`steps_per_generation`
-of them), i.e. the sum of those steps' times. A step's time runs from receiving the baton to the end of its optimizer
-step (generation, rewards, scoring, forward, backward, optimizer and the previous step's logging all included). The
-first cycles are warm-up and not counted. `cycle_ms` is the mean over the timed cycles (on the aligned path DGPO's
-cost per cycle depends on how many of its completions have a nonzero advantage, so its cycle times are bimodal and a
-median would pick one mode), `cycle_median_ms` and `cycle_min_ms` are given too; `generate_ms` is the mean time in
-TRL's `_generate` (the same HF generation for every variant) and the ratio `train_time` compares the cycles without
-it.
+Model: random-init Qwen2-shaped causal LMs (`SHAPES`; tied embeddings like Qwen2.5-0.5B) with the character
+tokenizer. At V = 151,936 a random model practically never samples its end-of-sequence token, so every completion
+runs to `--max-completion-length` and every variant does the same generation and training work.
 
-Two paths through the trainers (gradient_accumulation_steps = 1 on both):
-- aligned:    steps_per_generation = 1. One optimizer step per generation: pi_old == pi_theta when the batch is
-              trained, TRL computes no old log-probs, DGPO takes pi_theta's statistics from the training forward and
-              scores only the completions with a nonzero advantage (`dgpo_skip_zero_advantage`).
-- offpolicy:  steps_per_generation = 8 (the paper's 512 prompts generated, 64 per update). TRL runs a scoring-time
-              policy forward for old log-probs over the whole generation batch, and DGPO computes every completion's
-              statistics there (the rewards are not known yet at that forward, so nothing is skipped).
+What is timed: a *generation cycle*, one generation and the `steps_per_generation` optimizer steps trained on it,
+from the end of the previous cycle's last optimizer step to the end of this cycle's (the first `--warmup` cycles are
+not counted). It is split into:
+- generation: TRL's `_generate` (the same HF generation in every variant);
+- scoring stage: TRL's `_generate_and_score_completions` minus the generation (rewards, TRL's old-log-prob and
+  reference passes, or DGPO's scoring-time passes);
+- training steps: the rest (forward, backward, optimizer, logging; DGPO's loss-time reference forward and
+  divergence pass on the aligned path).
+`ref_forward_ms` is the time inside the reference model's backbone (torch forward hooks on the reference's
+`base_model`): TRL's reference pass for GRPO(beta=0.04), DGPO's reference forward for DGPO. DGPO's floor against
+GRPO(beta=0) is 1 + DGPO's ref_forward_ms / GRPO(beta=0)'s cycle, per round.
 
-Vocabulary: the character tokenizer has 99 tokens; `--vocab 151936` (Qwen2/Qwen2.5's size, the default) pads the
-model's vocabulary with unused tokens after its SFT warm-up (see `pad_vocabulary`): the tokenizer keeps its 99 tokens,
-the model's embedding and LM head get 151,936 rows, and the padding rows are set so that they carry a small
-probability mass (at most e^-6 of the total on the warm-up data), as the long tail of a real LM's vocabulary does. At
-that size the LM head is nearly all of a tiny model's compute, as it is most of what DGPO adds to a real one.
+Paths (gradient_accumulation_steps = 1):
+- aligned:   steps_per_generation = 1 (TRL's default). TRL computes no old log-probs; DGPO takes pi_theta's hidden
+             states from the training forward and scores only completions with a nonzero advantage.
+- offpolicy: steps_per_generation = 2. TRL runs a scoring-time policy pass for old log-probs over the generation
+             batch; DGPO answers it with its own pass and scores every completion (the rewards are not known yet).
 
-Variants:
-- grpo_beta0:    GRPOTrainer, beta = 0 (no reference model at all)
-- grpo_beta0.04: GRPOTrainer, beta = 0.04 (a reference forward on every completion, at scoring time)
-- dgpo:          DGPOTrainer, defaults (beta = 0, dgpo_skip_zero_advantage=True)
-- dgpo_noskip:   DGPOTrainer with dgpo_skip_zero_advantage=False (only differs from dgpo on the aligned path)
+Configurations (`--configs PATH:ZERO:HEAD ...`):
+- ZERO, the fraction of groups whose completions all get the same reward (zero advantage): `ControlledReward` makes
+  exactly that fraction of groups constant and gives every other completion a distinct reward, whatever the model
+  generates. At 0 every completion is scored; DGPO's aligned-path saving grows with the fraction.
+- HEAD, the positions TRL's fused LM head projects: `completion` (only the positions with a label: TRL's compact path,
+  what a GPU runs) or `all` (every position, prompt and padding included: what TRL 1.16 does on CPU, whose compact
+  path is Triton-only; `_use_triton` in trl/kernels/chunked_logprob.py). DGPO's own passes project completion tokens
+  either way, so `all` hands DGPO a CPU-only advantage over TRL's old-log-prob and reference passes: the figures that
+  carry to a GPU are the `completion` ones, and the difference between the two is the CPU-only effect. On CUDA
+  TRL's own path is compact, so only `completion` exists there.
 
-Rewards: exact match on string reversal, from an SFT-warmed model, so that some groups are all right or all wrong
-and the others mixed (TRL's `frac_reward_zero_std` is reported); random-init models (`qwen2.5-0.5b`, `micro`) get
-`mixed_reward`, a deterministic stand-in with the same kind of mix.
+Memory allocator (`--allocator`): by default (`reuse`) the measuring processes run glibc with mmap and heap trimming
+off, so freed memory is reused as torch's CUDA caching allocator reuses its blocks. With glibc's defaults (`glibc`)
+every block above its mmap threshold gets fresh pages from the kernel and returns them at free, so each large tensor
+costs page faults on every use: on the virtual machines this was built on, 15-30% of a tiny-shape cycle's CPU time,
+different per trainer, and none of it on a GPU. Each cycle also records the process's CPU time and minor page faults.
 
-Peak memory: each trainer's first generation cycle, which sees the same data in every variant (same weights, and the
-RNG is reseeded before each trainer's first generation; `mem_step_tokens` shows it): the trainer's resident tensors
-(policy, reference, optimizer state) plus the largest transient peak of the cycle's steps:
-torch.cuda.max_memory_allocated on a GPU; on CPU the peak of live tensor bytes, counted by a TorchDispatchMode that
-sees every allocation and (through weakrefs) every free.
+Peak memory: on CPU the process's peak resident set (VmHWM) from the start of `train()` (reset through
+/proc/self/clear_refs), so the model loading's transient is left out and the resident policy, reference and optimizer
+state are in; on a GPU torch.cuda.max_memory_allocated from the same point.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_steps.py --quick   # tiny, V 151936, both paths, 8 completions x 16
-                                                                 # tokens per step, 8 + 2 timed cycles (< 3 minutes)
-    OMP_NUM_THREADS=1 python benchmarks/bench_steps.py           # the same at 16 completions x 32 tokens per step,
-                                                                 # 20 + 4 timed cycles (~7 minutes of CPU)
-    OMP_NUM_THREADS=1 python benchmarks/bench_steps.py --models tiny small --vocab 99 --paths aligned --batch 64 \
-        --max-completion-length 8 --variants grpo_beta0 grpo_beta0.04 dgpo dgpo_noskip --rounds 40   # 99 tokens
-    python benchmarks/bench_steps.py --device cuda --models qwen2.5-0.5b --batch 32 --max-completion-length 128
-                                                                 # a GPU, bf16 (what benchmarks/gpu_check.py runs)
-One torch thread per process on CPU: tiny models run ~10x faster here with 1 thread than with 2.
+    python benchmarks/bench_steps.py --shape tiny --rounds 6          # 1 torch thread per process; ~4 min a round
+    python benchmarks/bench_steps.py --shape qwen2.5-0.5b --rounds 5  # 2 threads, ~12 GiB per process; ~20 min a round
+    python benchmarks/bench_steps.py --report benchmarks/results/steps_tiny_cpu.runs.jsonl   # tables of a run
+Every finished process is appended to `<out>/<stem>.runs.jsonl`; running the same command again resumes: it skips
+what is there and adds rounds up to `--rounds`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import ctypes
+import json
 import math
 import os
+import random
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-import weakref
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import format_table, machine_info, median, write_results  # noqa: E402
+from _common import RESULTS_DIR, machine_info, set_malloc, write_results  # noqa: E402
 
 
-def mean(values):
-    return sum(values) / len(values) if values else float("nan")
-
-
-QWEN2_VOCAB = 151936
-MODELS = {
-    # SFT-warmed Llamas on string reversal (warm-up to ~0.2-0.35 sampled accuracy: informative groups)
-    "tiny": dict(arch="llama", hidden=128, layers=2, heads=4, sft_steps=80),
-    "small": dict(arch="llama", hidden=256, layers=4, heads=4, sft_steps=80),
-    # Random-init Qwen2 shapes (no warm-up; `mixed_reward`): Qwen2.5-0.5B for GPUs, a micro one for dry runs
-    "qwen2.5-0.5b": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, tied=True),
-    "micro": dict(arch="qwen2", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, tied=True),
+# Random-init Qwen2-family shapes. qwen2.5-7b is only measured layer by layer (bench_layers.py): it does not fit here.
+SHAPES = {
+    "micro": dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=2048, tied=True),
+    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=512, vocab=151936, tied=True),
+    "qwen2.5-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, tied=True),
+    "qwen2.5-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064, tied=False),
 }
-PATHS = {"aligned": 1, "offpolicy": 8}  # steps_per_generation
-VARIANTS = ("grpo_beta0", "grpo_beta0.04", "dgpo", "dgpo_noskip")
-DEFAULT_VARIANTS = ("grpo_beta0", "grpo_beta0.04", "dgpo")
+VARIANTS = ("dgpo", "grpo_beta0.04", "grpo_beta0")
+PATHS = {"aligned": 1, "offpolicy": 2}  # steps_per_generation
+HEADS = ("completion", "all")
+NAMES = {"grpo_beta0": "GRPO(beta=0)", "grpo_beta0.04": "GRPO(beta=0.04)", "dgpo": "DGPO"}
+# Aligned-path cycles per process: a multiple of 5 makes a zero fraction of 0.4 exact over the timed cycles
+DEFAULTS = {
+    "cpu": dict(configs=["aligned:0:completion", "aligned:0:all", "aligned:0.4:completion", "offpolicy:0:completion",
+                         "offpolicy:0:all"]),
+    "cuda": dict(configs=["aligned:0:completion", "aligned:0.4:completion", "offpolicy:0:completion"]),
+}
+TIMED_CYCLES = {"aligned": 5, "offpolicy": 3}
+WARMUP_CYCLES = {"aligned": 2, "offpolicy": 1}
+RESOLUTION = 0.03  # the ratios should resolve +-3%
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storage allocated inside the mode and still alive, on any device.
+@dataclass(frozen=True)
+class Config:
+    path: str
+    zero_fraction: float
+    head: str
 
-    Each op's output storages are counted once (views share a storage) and uncounted when the storage is freed
-    (a weakref finalizer: torch keeps one Python object per storage while it lives). Storages that existed before
-    the mode was entered are not counted: the peak is the transient memory of what runs inside.
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        path, zero, head = text.split(":")
+        if path not in PATHS or head not in HEADS or not 0.0 <= float(zero) < 1.0:
+            raise ValueError(f"bad configuration {text!r}: PATH:ZERO:HEAD with PATH in {list(PATHS)}, 0 <= ZERO < 1, "
+                             f"HEAD in {list(HEADS)}")
+        return cls(path, float(zero), head)
+
+    @property
+    def key(self) -> str:
+        return f"{self.path}:{self.zero_fraction:g}:{self.head}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reward and the model
+
+
+class ControlledReward:
+    """A reward that sets the fraction of zero-advantage groups exactly, whatever the (random) model generates.
+
+    Completions arrive grouped (TRL's sampler repeats each prompt `num_generations` times in a row). Group g of this
+    process (counted over every call) is constant (reward 0 for all its completions, so every advantage is 0) when
+    floor((g + 1) f) > floor(g f): exactly a fraction f of every 1/f consecutive groups. The others get distinct
+    pseudo-random rewards seeded by g, so their advantages are nonzero. The rewards depend on the group index only,
+    so every variant's process sees the same sequence.
     """
 
-    def __init__(self):
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen = set()
-        self._lock = threading.Lock()
+    __name__ = "controlled_reward"  # TRL names the reward's metrics after it
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                storage = t.untyped_storage()
-                key = storage._cdata
-                with self._lock:
-                    if key in self._seen:
-                        continue
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key, storage.nbytes())
-        return out
+    def __init__(self, zero_fraction: float, num_generations: int):
+        self.zero_fraction = zero_fraction
+        self.num_generations = num_generations
+        self.groups_seen = 0
 
-    def _free(self, key, nbytes):
-        with self._lock:
-            if key in self._seen:
-                self._seen.discard(key)
-                self.live -= nbytes
+    def is_constant(self, group: int) -> bool:
+        f = self.zero_fraction
+        return math.floor((group + 1) * f) > math.floor(group * f)
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        if len(completions) % self.num_generations:
+            raise ValueError(f"{len(completions)} completions are not whole groups of {self.num_generations}")
+        rewards = []
+        for _ in range(len(completions) // self.num_generations):
+            g, self.groups_seen = self.groups_seen, self.groups_seen + 1
+            rng = random.Random(g)
+            rewards += [0.0] * self.num_generations if self.is_constant(g) else [
+                rng.random() for _ in range(self.num_generations)]
+        return rewards
 
 
-def resident_bytes(trainer) -> int:
-    """Bytes of the tensors a trainer keeps between steps: policy and reference parameters/buffers, optimizer state."""
-    seen, total = set(), 0
+def build_model(path: Path, shape: str, dtype_name: str, device_name: str) -> None:
+    """Saves a random-init Qwen2 model of `shape` and the character tokenizer under `path` (atomically)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    def add(t):
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in seen:
-            seen.add(t.untyped_storage()._cdata)
-            total += t.untyped_storage().nbytes()
+    from dgpo_trl.tiny import build_tokenizer
 
-    for model in (trainer.model, getattr(trainer, "ref_model", None)):
-        if model is not None:
-            for t in list(model.parameters()) + list(model.buffers()):
-                add(t)
-    if trainer.optimizer is not None:
-        for state in trainer.optimizer.state.values():
-            for t in state.values():
-                add(t)
-    return total
-
-
-class Baton:
-    """Lets one trainer thread run at a time, in a fixed order, skipping those that have finished."""
-
-    def __init__(self, names):
-        self.order = list(names)
-        self.turn = 0
-        self.finished = set()
-        self.cond = threading.Condition()
-
-    def wait(self, name):
-        with self.cond:
-            self.cond.wait_for(lambda: self.order[self.turn] == name)
-
-    def pass_on(self, name, finished=False):
-        with self.cond:
-            if finished:
-                self.finished.add(name)
-            if len(self.finished) < len(self.order):
-                self.turn = (self.turn + 1) % len(self.order)
-                while self.order[self.turn] in self.finished:
-                    self.turn = (self.turn + 1) % len(self.order)
-            self.cond.notify_all()
+    spec = SHAPES[shape]
+    tokenizer = build_tokenizer()
+    config = Qwen2Config(
+        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=spec["tied"],
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    with torch.device(device_name):  # initialising 0.5B parameters on a GPU takes a second, on one CPU thread a minute
+        model = Qwen2ForCausalLM(config)
+    model = model.to(getattr(torch, dtype_name))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(path)
 
 
-def make_callback(name, trainer_ref, baton, record, device, steps_per_cycle, warmup_cycles):
-    """Times each optimizer step from receiving the baton to its end, sums them per generation cycle, measures the
-    first cycle's memory, and passes the baton on after every step."""
-    from transformers import TrainerCallback
+def prepare_model(shape: str, dtype_name: str, device_name: str, cache: Path) -> Path:
+    """The model's path, built once (in a process of its own, so no measuring process ever held the builder's
+    memory) and cached."""
+    path = cache / f"{shape}_v{SHAPES[shape]['vocab']}_{dtype_name}_random"
+    if not (path / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--child-build", shape, dtype_name, device_name, str(path)],
+                       check=True)
+        print(f"# built {shape} in {time.perf_counter() - start:.0f}s: {path}", flush=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One measuring process: one trainer, a few generation cycles
+
+
+def _die_with_parent() -> None:
+    """A measuring process must not outlive the harness (a killed kit or a Ctrl-C): Linux's parent-death signal."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _use_compact_lm_head() -> None:
+    """Makes TRL's fused LM head project only the positions with a label on CPU too, as it does on a GPU.
+
+    TRL 1.16 picks the compact path where Triton runs (`_use_triton(device)`, imported into trl.trainer.utils): on
+    other devices it projects every position, because a varying number of rows would recompile on XLA-like devices.
+    Only that choice changes here (the fold kernels keep their own `_use_triton`): the same log-probs, computed on the
+    labelled rows only.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if not callable(getattr(trl_utils, "_use_triton", None)):
+        raise RuntimeError("trl.trainer.utils._use_triton is gone: update _use_compact_lm_head for this TRL")
+    trl_utils._use_triton = lambda device: True
+
+
+def measure(spec: dict) -> dict:
+    """Trains one trainer as `spec` says and returns what it measured (run in a process of its own)."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, PrinterCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dgpo_trl import DGPOConfig, DGPOTrainer
+    from dgpo_trl.tiny import reversal_dataset
+
+    wall_start = time.perf_counter()
+    load_start = os.getloadavg()
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    torch.set_num_threads(spec["threads"])
+    config = Config.parse(spec["config"])
+    if config.head == "completion" and device.type == "cpu":
+        _use_compact_lm_head()
+    elif config.head == "all" and device.type != "cpu":
+        raise ValueError("head 'all' is TRL's CPU fallback; on a GPU TRL projects completion positions only")
+    spg = PATHS[config.path]
+    cycles = spec["warmup"] + spec["cycles"]
+    half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    kw = dict(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"],
+        num_generations=spec["generations"], max_completion_length=spec["max_completion_length"],
+        steps_per_generation=spg, gradient_accumulation_steps=1, learning_rate=1e-6, max_steps=spg * cycles,
+        logging_steps=1, bf16=half and dtype == torch.bfloat16, fp16=half and dtype == torch.float16,
+        model_init_kwargs={"dtype": dtype}, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        seed=0, disable_tqdm=True, use_cpu=device.type == "cpu",
+    )
+    variant = spec["variant"]
+    dataset = reversal_dataset(spec["batch"] * spg * cycles * 2, seed=2)
+    reward = ControlledReward(config.zero_fraction, spec["generations"])
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(spec["model_path"])
+    if variant == "dgpo":
+        trainer = DGPOTrainer(spec["model_path"], reward, args=DGPOConfig(**kw), train_dataset=dataset,
+                              processing_class=tokenizer)
+    else:
+        beta = {"grpo_beta0": 0.0, "grpo_beta0.04": 0.04}[variant]
+        trainer = GRPOTrainer(spec["model_path"], reward, args=GRPOConfig(beta=beta, **kw), train_dataset=dataset,
+                              processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    init_s = time.perf_counter() - wall_start
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    class Interleave(TrainerCallback):
-        def __init__(self):
-            self.start = None
-            self.mode = None
-            self.cycle_s = 0.0
+    parts = {}
 
-        def _begin(self, step):
-            # This trainer holds the baton from here until its next optimizer step ends
-            if step <= steps_per_cycle:  # the first cycle: memory (its steps are never timed)
-                if device.type == "cuda":
-                    sync()
-                    torch.cuda.reset_peak_memory_stats(device)
-                    record["cuda_before"] = torch.cuda.memory_allocated(device)
-                else:
-                    self.mode = LiveTensorBytes()
-                    self.mode.__enter__()
-            if step == 1:
-                # Same generation RNG for every variant's first step (the others' steps consumed the shared RNG)
-                from transformers import set_seed
+    def reset_parts():
+        parts.update(generate=0.0, stage=0.0, generate_cpu=0.0, stage_cpu=0.0, ref_forward=0.0, ref_calls=0)
 
-                set_seed(0)
-            if (step - 1) % steps_per_cycle == 0:
-                self.cycle_s = 0.0
-                for key in PART_KEYS:
-                    record[key] = 0.0
+    reset_parts()
+
+    def cpu_usage():
+        # The process's CPU time and minor page faults (first touches of fresh memory: on CPU, every large tensor is
+        # new memory from the kernel, zeroed, unless the allocator keeps it; on a GPU, torch's caching allocator does)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return dict(user_s=usage.ru_utime, sys_s=usage.ru_stime, minflt=usage.ru_minflt)
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
             sync()
-            self.start = time.perf_counter()
+            start, usage = time.perf_counter(), cpu_usage()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                parts[key] += time.perf_counter() - start
+                parts[key + "_cpu"] += sum(cpu_usage()[k] - usage[k] for k in ("user_s", "sys_s"))
 
+        return wrapper
+
+    # TRL's methods, wrapped on the instance (DGPO's override of the second one included)
+    trainer._generate = timed(trainer._generate, "generate")
+    trainer._generate_and_score_completions = timed(trainer._generate_and_score_completions, "stage")
+    reference = getattr(trainer, "ref_model", None)
+    if reference is not None:
+        backbone = trainer.accelerator.unwrap_model(reference).base_model
+        started = []
+
+        def before(module, args):
+            sync()
+            started.append(time.perf_counter())
+
+        def after(module, args, output):
+            sync()
+            parts["ref_forward"] += time.perf_counter() - started.pop()
+            parts["ref_calls"] += 1
+
+        backbone.register_forward_pre_hook(before)
+        backbone.register_forward_hook(after)
+
+    record = dict(cycles=[], logs=[])
+
+    class CycleTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self._begin(1)
+            record["load_peak_mib"] = (_read_kib("VmHWM") / 1024 if device.type == "cpu"
+                                       else torch.cuda.max_memory_allocated(device) / 2**20)
+            if device.type == "cpu":
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, from here on
+            else:
+                torch.cuda.reset_peak_memory_stats(device)
+            record["train_begin_mib"] = (_read_kib("VmRSS") / 1024 if device.type == "cpu"
+                                         else torch.cuda.memory_allocated(device) / 2**20)
+            sync()
+            self.start, self.usage = time.perf_counter(), cpu_usage()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % spg:
+                return
             sync()
-            elapsed = time.perf_counter() - self.start
-            step = state.global_step
-            self.cycle_s += elapsed
-            if step <= steps_per_cycle:
-                if device.type == "cuda":
-                    transient = torch.cuda.max_memory_allocated(device) - record["cuda_before"]
-                else:
-                    self.mode.__exit__(None, None, None)
-                    transient = self.mode.peak
-                    self.mode = None
-                record["transient_bytes"] = max(record.get("transient_bytes", 0), transient)
-                if step == steps_per_cycle:
-                    record["resident_bytes"] = resident_bytes(trainer_ref())
-            if step % steps_per_cycle == 0 and step > warmup_cycles * steps_per_cycle:
-                record["cycle_s"].append(self.cycle_s)
-                for key in PART_KEYS:
-                    record[f"{key}_cycles"].append(record[key])
-            baton.pass_on(name)
-            baton.wait(name)
-            self._begin(step + 1)
+            now = time.perf_counter()
+            cycle = dict(total_s=now - self.start, generate_s=parts["generate"],
+                         score_s=parts["stage"] - parts["generate"], train_s=now - self.start - parts["stage"],
+                         ref_forward_s=parts["ref_forward"] if reference is not None else None,
+                         ref_calls=parts["ref_calls"], generate_cpu_s=parts["generate_cpu"],
+                         warmup=len(record["cycles"]) < spec["warmup"])
+            usage = cpu_usage()
+            cycle.update({k: usage[k] - self.usage[k] for k in usage})
+            record["cycles"].append(cycle)
+            reset_parts()
+            self.start, self.usage = time.perf_counter(), usage
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.global_step == 1:
-                record["mem_step_tokens"] = logs.get("num_tokens")
-            if logs and state.global_step > warmup_cycles * steps_per_cycle:
+            if logs and state.global_step > spec["warmup"] * spg:
                 record["logs"].append(dict(logs))
 
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                self.mode = None
-            baton.pass_on(name, finished=True)
+    trainer.add_callback(CycleTimer())
+    trainer.train()
+    if device.type == "cpu":
+        peak = _read_kib("VmHWM") / 1024
+    else:
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        record["peak_reserved_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
 
-    return Interleave()
+    def mean_log(key):
+        values = [log[key] for log in record["logs"] if log.get(key) is not None]
+        return sum(values) / len(values) if values else None
 
-
-# Per-cycle timed parts (seconds, summed over the cycle's calls)
-PART_KEYS = ("scoring_s", "divergence_s", "generate_s", "stage_s")
-
-
-def _timed(fn, record, keys, device):
-    def wrapper(*args, **kwargs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            for key in keys:
-                record[key] += time.perf_counter() - start
-
-    return wrapper
-
-
-def time_parts(trainer, record, device) -> None:
-    """Wraps (instance attributes only) the trainer's generation and, for DGPO, its reference forward and divergence
-    pass, to time them. Methods that a trainer does not have are left alone (their times are then not reported)."""
-    if hasattr(trainer, "_generate"):
-        trainer._generate = _timed(trainer._generate, record, ["generate_s"], device)
-        record["has_generate"] = True
-    # Generation, rewards and the scoring-time passes (TRL's old-log-prob and reference passes, or DGPO's): with the
-    # generation subtracted, every variant's scoring stage, comparable across trainers
-    trainer._generate_and_score_completions = _timed(
-        trainer._generate_and_score_completions, record, ["stage_s"], device
+    return dict(
+        spec, peak_mib=peak, cycles=record["cycles"], load_peak_mib=record["load_peak_mib"],
+        train_begin_mib=record["train_begin_mib"], peak_reserved_mib=record.get("peak_reserved_mib"),
+        frac_reward_zero_std=mean_log("frac_reward_zero_std"), scored_fraction=mean_log("dgpo/scored_fraction"),
+        completion_length=mean_log("completions/mean_length"), num_tokens=mean_log("num_tokens"),
+        init_s=init_s, wall_s=time.perf_counter() - wall_start, load_average_start=load_start,
+        load_average_end=os.getloadavg(), pid=os.getpid(), torch=torch.__version__,
     )
-    record["has_stage"] = True
-    forward = next((name for name in ("_reference_hidden", "_backbone_hidden") if hasattr(trainer, name)), None)
-    if forward is not None:
-        setattr(trainer, forward, _timed(getattr(trainer, forward), record, ["scoring_s"], device))
-        record["has_scoring"] = True
-    if hasattr(trainer, "_divergence_pass"):
-        trainer._divergence_pass = _timed(trainer._divergence_pass, record, ["scoring_s", "divergence_s"], device)
-        record["has_scoring"] = record["has_divergence"] = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models and rewards
+# The harness: rounds of processes, resumable
 
 
-def mixed_reward(prompts, completion_ids, **kwargs) -> list[float]:
-    """A deterministic reward with a realistic mix for random-init models, whose completions are random tokens.
-
-    Each prompt gets a success rate p from a hash of its text (0 or 1 for 3/8 of prompts, 0.1-0.9 for the others),
-    each completion reward 1 with probability p, decided by a hash of its token ids. With 8 completions per prompt
-    about half the groups are all right or all wrong (TRL's `frac_reward_zero_std` ~0.5), as with exact-match rewards
-    on a partly trained policy.
-    """
-    rates = (0.0, 0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
-    rewards = []
-    for prompt, ids in zip(prompts, completion_ids):
-        rate = rates[zlib.crc32(str(prompt).encode()) % len(rates)]
-        draw = zlib.crc32(",".join(map(str, ids)).encode()) / 2**32
-        rewards.append(1.0 if draw < rate else 0.0)
-    return rewards
+SETTINGS = ("shape", "device", "dtype", "threads", "batch", "generations", "max_completion_length", "warmup_cycles",
+            "timed_cycles", "allocator")
+# How the measuring processes' glibc treats freed memory: "reuse" keeps it, as torch's CUDA caching allocator keeps its
+# blocks (`_common.set_malloc`); "glibc" leaves its defaults, which give every block above the mmap threshold fresh
+# pages from the kernel and take them back at free (page faults on every use of a large tensor: CPU-only)
+ALLOCATORS = ("reuse", "glibc")
 
 
-def _used_token_ids(tokenizer, rows) -> set[int]:
-    used = {tokenizer.eos_token_id}
-    for row in rows:
-        used.update(tokenizer(row["prompt"] + row["answer"], add_special_tokens=False)["input_ids"])
-    return used
+def settings_of(args) -> dict:
+    return {k: getattr(args, k) for k in SETTINGS}
 
 
-def pad_vocabulary(src: str, dst: str, vocab_size: int, *, max_log_mass: float = -6.0, seed: int = 0) -> dict:
-    """Saves `src`'s model with its vocabulary padded to `vocab_size` rows (embedding and LM head) under `dst`, with
-    `src`'s tokenizer (which keeps its tokens: the padding ids are never produced by it).
-
-    Padding row i of the LM head is a copy of one of the tokens the warm-up data never contains (cycled), plus 10%
-    noise, minus beta times the mean direction mu of the final hidden states. On the warm-up data every hidden state
-    has h.mu > 0, so this lowers every padding logit; beta is the smallest value that brings the padding's total
-    probability to at most e^max_log_mass at every warm-up position, so sampling and rewards stay those of the warmed
-    model while every projection runs over the full vocabulary. Returns what was set and measured.
-    """
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from dgpo_trl.tiny import reversal_dataset, sft_batch
-
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    rows = list(reversal_dataset(256, seed=7))
-    batch = sft_batch(tokenizer, rows)
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    mask = batch["labels"][:, 1:] != -100
-    hidden = out.hidden_states[-1][:, :-1][mask]  # after the final norm: logits = hidden @ W.T
-    lse_real = out.logits[:, :-1][mask].float().logsumexp(-1)
-    head = model.get_output_embeddings().weight.data
-    old_vocab, width = head.shape
-    used = _used_token_ids(tokenizer, list(reversal_dataset(2000, seed=1)) + rows)
-    unused = torch.tensor([i for i in range(old_vocab) if i not in used])
-    n_pad = vocab_size - old_vocab
-    generator = torch.Generator().manual_seed(seed)
-    source = unused[torch.arange(n_pad) % len(unused)]
-    pad_rows = head[source] + 0.1 * head[unused].std() * torch.randn(n_pad, width, generator=generator)
-    mu = hidden.mean(0)
-    mu = mu / mu.norm()
-    along = hidden @ mu
-    if along.min() <= 0:
-        raise RuntimeError("the warm-up hidden states do not share a direction; cannot pad the vocabulary this way")
-    lse_pad = (hidden @ pad_rows.T).logsumexp(-1)
-    beta = ((lse_pad - lse_real - max_log_mass) / along).max().clamp(min=0.0).item()
-    pad_rows -= beta * mu
-    log_mass = (hidden @ pad_rows.T).logsumexp(-1) - torch.logaddexp(lse_real, (hidden @ pad_rows.T).logsumexp(-1))
-
-    embed = model.get_input_embeddings().weight.data
-    embed_rows = embed[source].clone()
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    model.get_input_embeddings().weight.data[old_vocab:] = embed_rows
-    model.get_output_embeddings().weight.data[old_vocab:] = pad_rows
-    model.config.vocab_size = vocab_size
-    model.save_pretrained(dst)
-    tokenizer.save_pretrained(dst)
-    return dict(beta=beta, pad_log_mass_max=log_mass.max().item(), pad_log_mass_mean=log_mass.mean().item())
+def read_runs(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def build_random_qwen2(path: Path, spec: dict, vocab_size: int, device: torch.device, dtype: torch.dtype) -> None:
-    """A random-init Qwen2 model of `spec`'s shape with the character tokenizer (prompts only need its 99 tokens)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def run_benchmark(args, progress=None) -> dict:
+    """Runs the rounds `args` asks for (skipping those already in the runs file), then summarises every run there.
+    Returns the summary (also written as `<stem>.json`/`.csv` next to the runs file). `progress(summary)`, if
+    given, gets the summary of the runs so far after each process."""
+    out = Path(args.out or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / f"{args.stem}.runs.jsonl"
+    settings = settings_of(args)
+    runs = read_runs(runs_path)
+    for run in runs:
+        if run["settings"] != settings:
+            raise SystemExit(f"{runs_path} holds runs with other settings ({run['settings']}); use another --stem")
+    done = {(r["config"], r["variant"], r["round"]) for r in runs}
+    model_path = prepare_model(args.shape, args.dtype, args.device, args.cache)
+    configs = [Config.parse(c) for c in args.configs]
+    todo = [(r, c, v) for r in range(1, args.rounds + 1) for c in configs
+            for v in args.variants[(r - 1) % len(args.variants):] + args.variants[:(r - 1) % len(args.variants)]
+            if (c.key, v, r) not in done]
+    print(f"# {args.shape} on {args.device}: {len(done)} runs in {runs_path.name}, {len(todo)} to go "
+          f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+    started = time.perf_counter()
+    for i, (round_, config, variant) in enumerate(todo):
+        elapsed = time.perf_counter() - started
+        if args.budget_s is not None and i and elapsed + elapsed / i > args.budget_s:
+            print(f"# the {args.budget_s:.0f}s budget would run out during the next process: stopping after {i} "
+                  f"(the same command resumes)", flush=True)
+            break
+        wait_for_quiet(args.max_load)
+        spec = dict(settings, config=config.key, variant=variant, round=round_, model_path=str(model_path),
+                    warmup=args.warmup_cycles.get(config.path, 1), cycles=args.timed_cycles.get(config.path, 1))
+        with tempfile.TemporaryDirectory(prefix="dgpo_bench_") as tmp:
+            spec["output_dir"] = tmp
+            result_path = Path(tmp) / "result.json"
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run([sys.executable, __file__, "--child-measure", json.dumps(spec), str(result_path)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if proc.returncode != 0 or not result_path.exists():
+                raise RuntimeError(f"{config.key} {variant} round {round_} failed ({proc.returncode}):\n"
+                                   + proc.stdout[-4000:])
+            result = json.loads(result_path.read_text())
+        result.pop("output_dir", None)
+        result["settings"] = settings
+        with runs_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        timed = [c["total_s"] for c in result["cycles"] if not c["warmup"]]
+        elapsed = time.perf_counter() - started
+        print(f"  round {round_} {config.key:24s} {variant:14s} cycle {1e3 * statistics.mean(timed):8.0f} ms, "
+              f"peak {result['peak_mib']:7.0f} MiB, process {result['wall_s']:5.0f}s, load "
+              f"{result['load_average_start'][0]:.2f}-{result['load_average_end'][0]:.2f}; "
+              f"{i + 1}/{len(todo)}, ~{elapsed / (i + 1) * (len(todo) - i - 1) / 60:.0f} min left", flush=True)
+        if progress is not None:
+            progress(summarize(read_runs(runs_path)))
+    summary = summarize(read_runs(runs_path))
+    summary["meta"] = dict(machine_info_for(args.device), argv=sys.argv, settings=settings,
+                           runs_file=str(runs_path), load_average_at_end=os.getloadavg())
+    write_results(args.stem, summary["rows"], {k: v for k, v in summary.items() if k != "rows"}, out)
+    print(report(summary))
+    return summary
 
-    from dgpo_trl.tiny import build_tokenizer
 
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["heads"],
-        num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=32768,
-        rope_theta=1_000_000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=spec.get("tied", False),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):  # initialising 0.5B parameters on a GPU takes a second, on one CPU thread a minute
-        model = Qwen2ForCausalLM(config)
-    model = model.to(dtype)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del model
+def wait_for_quiet(max_load: float | None, poll_s: float = 15.0) -> None:
+    """On a shared machine: starts the next process only once the 1-minute load average (nothing of ours runs between
+    processes) is below `max_load`, so that fewer measurements overlap other people's jobs."""
+    if max_load is None:
+        return
+    waited = 0.0
+    while os.getloadavg()[0] >= max_load:
+        if waited == 0.0:
+            print(f"  (waiting for the load average {os.getloadavg()[0]:.2f} to drop below {max_load})", flush=True)
+        time.sleep(poll_s)
+        waited += poll_s
 
 
-def prepare_model(name: str, vocab: int | None, cache_dir: Path, device: torch.device, dtype: torch.dtype) -> str:
-    """Builds (once; cached under `cache_dir`) the benchmark model `name` with `vocab` rows; returns its path."""
-    from dgpo_trl.tiny import build_tiny_model, build_tokenizer, reversal_dataset, supervised_warmup
+def machine_info_for(device_name: str) -> dict:
+    import torch
 
-    spec = MODELS[name]
-    if spec["arch"] == "qwen2":
-        vocab = vocab or QWEN2_VOCAB
-        path = cache_dir / f"{name}_v{vocab}_{str(dtype).removeprefix('torch.')}_random"
-        if not (path / "config.json").exists():
-            start = time.perf_counter()
-            build_random_qwen2(path, spec, vocab, device, dtype)
-            print(f"# built random-init {name} (V={vocab}) in {time.perf_counter() - start:.0f}s", flush=True)
-        return str(path)
-    base = cache_dir / f"{name}_h{spec['hidden']}_l{spec['layers']}_sft{spec['sft_steps']}"
-    if not (base / "config.json").exists():
-        start = time.perf_counter()
-        build_tiny_model(base, hidden_size=spec["hidden"], num_layers=spec["layers"], num_heads=spec["heads"], seed=0)
-        supervised_warmup(base, reversal_dataset(2000, seed=1), steps=spec["sft_steps"], batch_size=128)
-        print(f"# built and warmed {name} in {time.perf_counter() - start:.0f}s", flush=True)
-    if not vocab or vocab == len(build_tokenizer()):
-        return str(base)
-    path = cache_dir / f"{base.name}_v{vocab}"
-    if not (path / "config.json").exists():
-        info = pad_vocabulary(str(base), str(path), vocab)
-        print(f"# padded {name} to V={vocab}: padding log-mass max {info['pad_log_mass_max']:.1f}, "
-              f"mean {info['pad_log_mass_mean']:.1f} (beta {info['beta']:.2f})", flush=True)
-    return str(path)
+    return machine_info(torch.device(device_name))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# One configuration: model x vocabulary x path, every variant interleaved
+# Summaries: per-round ratios and their spread
+
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (beyond the table, the normal 1.96 is close enough)
+T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
-def run_config(model_name, vocab, path_name, args, device, dtype):
-    """Trains every variant of `args.variants` on one (model, vocabulary, path), interleaved; returns (rows,
-    ratios)."""
-    from transformers import PreTrainedTokenizerFast, PrinterCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
-
-    spec = MODELS[model_name]
-    path = prepare_model(model_name, vocab, args.cache, device, dtype)
-    reward = mixed_reward if spec["arch"] == "qwen2" else exact_match_reward
-    steps_per_cycle = PATHS[path_name] if path_name != "offpolicy" else args.steps_per_generation
-    # At least 3 warm-up optimizer steps, in whole cycles; the first cycle is the memory cycle
-    warmup_cycles = max(args.warmup, math.ceil(3 / steps_per_cycle))
-    rounds = args.rounds_aligned if path_name == "aligned" else args.rounds_offpolicy
-    dataset = reversal_dataset(max(4096, 2 * args.batch * steps_per_cycle * (warmup_cycles + rounds)), seed=2)
-    half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-    common = dict(
-        per_device_train_batch_size=args.batch,
-        num_generations=args.generations,
-        max_completion_length=args.max_completion_length,
-        steps_per_generation=steps_per_cycle,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-4,
-        max_steps=steps_per_cycle * (warmup_cycles + rounds),
-        logging_steps=1,
-        bf16=half and dtype == torch.bfloat16,
-        fp16=half and dtype == torch.float16,
-        model_init_kwargs={"dtype": dtype},  # TRL loads float32 unless told (the policy; references follow it)
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-        use_cpu=device.type == "cpu",
-    )
-    variants = [v for v in VARIANTS if v in args.variants]
-    if path_name == "offpolicy" and "dgpo" in variants and "dgpo_noskip" in variants:
-        variants.remove("dgpo_noskip")  # every completion is scored at scoring time: the same trainer as dgpo
-    records = {v: {"cycle_s": [], "logs": [], **{k: 0.0 for k in PART_KEYS}, **{f"{k}_cycles": [] for k in PART_KEYS}}
-               for v in variants}
-    baton = Baton(variants)
-    trainers = {}
-    with tempfile.TemporaryDirectory() as out:
-        for v in variants:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-            kw = dict(output_dir=f"{out}/{v}", **common)
-            if v.startswith("grpo"):
-                beta = 0.04 if v == "grpo_beta0.04" else 0.0
-                trainer = GRPOTrainer(path, reward, args=GRPOConfig(beta=beta, **kw), train_dataset=dataset,
-                                      processing_class=tokenizer)
-            else:
-                config = DGPOConfig(dgpo_skip_zero_advantage=v == "dgpo", **kw)
-                trainer = DGPOTrainer(path, reward, args=config, train_dataset=dataset, processing_class=tokenizer)
-            time_parts(trainer, records[v], device)
-            trainer.add_callback(
-                make_callback(v, weakref.ref(trainer), baton, records[v], device, steps_per_cycle, warmup_cycles)
-            )
-            trainer.remove_callback(PrinterCallback)  # the logs are collected; printing them would bury the table
-            trainers[v] = trainer
-
-        errors = {}
-
-        def train(v):
-            try:
-                torch.set_num_threads(args.threads)  # the intra-op thread count is per thread under OpenMP
-                baton.wait(v)
-                trainers[v].train()
-            except BaseException as error:  # noqa: BLE001 - reported below; the others must not wait forever
-                errors[v] = error
-                baton.pass_on(v, finished=True)
-
-        threads = [threading.Thread(target=train, args=(v,), name=v) for v in variants]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        trainers.clear()
-        if errors:
-            raise RuntimeError(f"trainers failed: {errors}") from next(iter(errors.values()))
-
-    where = dict(model=model_name, vocab=vocab or len(PreTrainedTokenizerFast.from_pretrained(path)), path=path_name)
-    rows = []
-    for v in variants:
-        r = records[v]
-        logs = r["logs"]
-
-        def mean_log(key):
-            values = [log[key] for log in logs if log.get(key) is not None]
-            return sum(values) / len(values) if values else None
-
-        def part_ms(key, flag):
-            return 1e3 * mean(r[f"{key}_cycles"]) if r.get(flag) else None
-
-        generate = part_ms("generate_s", "has_generate")
-
-        rows.append(
-            dict(
-                **where,
-                variant=v,
-                steps_per_cycle=steps_per_cycle,
-                cycles=len(r["cycle_s"]),
-                cycle_ms=1e3 * mean(r["cycle_s"]),
-                cycle_median_ms=1e3 * median(r["cycle_s"]),
-                cycle_min_ms=1e3 * min(r["cycle_s"]),
-                generate_ms=generate,
-                # The cycle without its generation: what the trainers do differently (HF generation is the same)
-                train_ms=None if generate is None else 1e3 * mean(r["cycle_s"]) - generate,
-                stage_ms=None if generate is None else part_ms("stage_s", "has_stage") - generate,
-                scoring_ms=part_ms("scoring_s", "has_scoring"),
-                divergence_ms=part_ms("divergence_s", "has_divergence"),
-                peak_mib=(r["resident_bytes"] + r["transient_bytes"]) / 2**20,
-                resident_mib=r["resident_bytes"] / 2**20,
-                transient_mib=r["transient_bytes"] / 2**20,
-                mem_step_tokens=r.get("mem_step_tokens"),
-                reward=mean_log("reward"),
-                frac_reward_zero_std=mean_log("frac_reward_zero_std"),
-                scored_fraction=mean_log("dgpo/scored_fraction"),
-                completion_length=mean_log("completions/mean_length"),
-            )
-        )
-    return rows, ratios_for(rows)
+def t95(df: int) -> float:
+    return T95[max(k for k in T95 if k <= df)] if df >= 1 else math.inf
 
 
-def ratios_for(rows: list[dict]) -> list[dict]:
-    """The ratios of one configuration's rows (same model, vocabulary and path), each measured in the same run."""
-    by = {row["variant"]: row for row in rows}
-    where = {k: rows[0][k] for k in ("model", "vocab", "path")} if rows else {}
-    ratios = []
-
-    def ratio(a, b):
-        if a in by and b in by:
-            ratios.append(
-                dict(
-                    **where,
-                    ratio=f"{a} / {b}",
-                    cycle_time=by[a]["cycle_ms"] / by[b]["cycle_ms"],
-                    cycle_time_median=by[a]["cycle_median_ms"] / by[b]["cycle_median_ms"],
-                    # Ratio of the fastest cycles: less sensitive to bursts of load from other processes
-                    cycle_time_min=by[a]["cycle_min_ms"] / by[b]["cycle_min_ms"],
-                    train_time=(by[a]["train_ms"] / by[b]["train_ms"]
-                                if by[a]["train_ms"] and by[b]["train_ms"] else None),
-                    peak_memory=by[a]["peak_mib"] / by[b]["peak_mib"],
-                )
-            )
-
-    ratio("dgpo", "grpo_beta0.04")
-    ratio("dgpo_noskip", "grpo_beta0.04")
-    ratio("dgpo", "grpo_beta0")
-    ratio("grpo_beta0.04", "grpo_beta0")
-    ratio("dgpo", "dgpo_noskip")
-    if {"dgpo", "grpo_beta0"} <= by.keys() and by["dgpo"]["scoring_ms"] and by["dgpo"]["divergence_ms"]:
-        # DGPO's floor against GRPO(beta=0), which runs no reference: DGPO's own reference forwards (on the
-        # completions it scores), timed in the same run, on top of GRPO(beta=0)'s cycle
-        reference_ms = by["dgpo"]["scoring_ms"] - by["dgpo"]["divergence_ms"]
-        ratios.append(dict(**where, ratio="floor: 1 + dgpo reference forward / grpo_beta0",
-                           cycle_time=1.0 + reference_ms / by["grpo_beta0"]["cycle_ms"],
-                           scored_fraction=by["dgpo"]["scored_fraction"]))
-    if "dgpo" in by and "grpo_beta0.04" in by and (by["grpo_beta0.04"].get("stage_ms") or 0) > 0:
-        # The scoring stage alone (generation subtracted): DGPO's passes against TRL's old-log-prob and reference ones
-        ratios.append(dict(**where, ratio="scoring stage dgpo / grpo_beta0.04",
-                           cycle_time=by["dgpo"]["stage_ms"] / by["grpo_beta0.04"]["stage_ms"]))
-    if "dgpo" in by and "dgpo_noskip" in by and by["dgpo"]["scoring_ms"] and by["dgpo_noskip"]["scoring_ms"]:
-        ratios.append(
-            dict(
-                **where,
-                ratio="scoring time dgpo / dgpo_noskip",
-                cycle_time=by["dgpo"]["scoring_ms"] / by["dgpo_noskip"]["scoring_ms"],
-                scored_fraction=by["dgpo"]["scored_fraction"],
-            )
-        )
-    return ratios
+def spread(values: list[float]) -> dict:
+    """Mean, median, sample std, min, max and the 95% confidence half-width of the mean (Student's t), and the rounds
+    a half-width of RESOLUTION x mean would need at this std."""
+    n = len(values)
+    mean = statistics.fmean(values) if values else math.nan
+    sd = statistics.stdev(values) if n > 1 else math.nan
+    half = t95(n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    needed = None
+    if n > 1 and mean:
+        needed = 2
+        while t95(needed - 1) * sd / math.sqrt(needed) > RESOLUTION * abs(mean):
+            needed += 1
+    return dict(n=n, mean=mean, median=statistics.median(values) if values else math.nan, sd=sd,
+                min=min(values, default=math.nan), max=max(values, default=math.nan), ci95=half,
+                rounds_for_3pct=needed)
 
 
-ROW_COLUMNS = ["model", "vocab", "path", "variant", "cycles", "cycle_ms", "cycle_median_ms", "generate_ms",
-               "stage_ms", "scoring_ms", "divergence_ms", "peak_mib", "transient_mib", "mem_step_tokens", "reward",
-               "frac_reward_zero_std", "scored_fraction"]
-RATIO_COLUMNS = ["model", "vocab", "path", "ratio", "cycle_time", "cycle_time_median", "cycle_time_min", "train_time",
-                 "peak_memory", "scored_fraction"]
+def _process_means(run: dict) -> dict:
+    """One process's means over its timed cycles (milliseconds)."""
+    timed = [c for c in run["cycles"] if not c["warmup"]]
+
+    def ms(key):
+        values = [c[key] for c in timed if c.get(key) is not None]
+        return 1e3 * statistics.fmean(values) if values else None
+
+    cpu = [c["user_s"] + c["sys_s"] for c in timed if "user_s" in c]
+    return dict(cycle_ms=ms("total_s"), generate_ms=ms("generate_s"), generate_cpu_ms=ms("generate_cpu_s"), score_ms=ms("score_s"), train_ms=ms("train_s"),
+                ref_forward_ms=ms("ref_forward_s"), peak_mib=run["peak_mib"], cycles=len(timed),
+                cpu_ms=1e3 * statistics.fmean(cpu) if cpu else None, sys_ms=ms("sys_s"),
+                faults=statistics.fmean(c["minflt"] for c in timed) if cpu else None)
+
+
+RATIOS = (("dgpo", "grpo_beta0.04"), ("dgpo", "grpo_beta0"), ("grpo_beta0.04", "grpo_beta0"))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Rows per (configuration, variant) and ratios per configuration, each ratio taken within a round."""
+    by = {}
+    for run in runs:
+        by.setdefault(run["config"], {}).setdefault(run["variant"], {})[run["round"]] = run
+    rows, ratios = [], []
+    for config_key, variants in by.items():
+        config = Config.parse(config_key)
+        where = dict(config=config_key, path=config.path, zero_fraction=config.zero_fraction, head=config.head)
+        means = {v: {r: _process_means(run) for r, run in rounds.items()} for v, rounds in variants.items()}
+        for variant, rounds in variants.items():
+            m = means[variant]
+
+            def over_rounds(key):
+                values = [x[key] for x in m.values() if x[key] is not None]
+                return statistics.fmean(values) if values else None
+
+            def mean_field(key):
+                values = [run[key] for run in rounds.values() if run.get(key) is not None]
+                return statistics.fmean(values) if values else None
+
+            cycle = spread([x["cycle_ms"] for x in m.values()])
+            rows.append(dict(
+                where, variant=variant, rounds=len(rounds), cycles_per_round=statistics.fmean(
+                    x["cycles"] for x in m.values()), cycle_ms=cycle["mean"], cycle_sd_pct=100 * cycle["sd"] / cycle[
+                    "mean"] if cycle["n"] > 1 else None, generate_ms=over_rounds("generate_ms"),
+                score_ms=over_rounds("score_ms"), train_ms=over_rounds("train_ms"),
+                ref_forward_ms=over_rounds("ref_forward_ms"), generate_cpu_ms=over_rounds("generate_cpu_ms"),
+                cpu_ms=over_rounds("cpu_ms"), sys_ms=over_rounds("sys_ms"),
+                faults=over_rounds("faults"), peak_mib=over_rounds("peak_mib"),
+                peak_mib_max=max(x["peak_mib"] for x in m.values()), frac_reward_zero_std=mean_field(
+                    "frac_reward_zero_std"), scored_fraction=mean_field("scored_fraction"),
+                completion_length=mean_field("completion_length"),
+                load_average=statistics.fmean(run["load_average_start"][0] for run in rounds.values()),
+                process_s=statistics.fmean(run["wall_s"] for run in rounds.values()),
+            ))
+        for a, b in RATIOS:
+            if a not in means or b not in means:
+                continue
+            paired = sorted(set(means[a]) & set(means[b]))
+            if not paired:
+                continue
+            entry = dict(where, ratio=f"{a} / {b}", rounds=paired)
+            for key in ("cycle_ms", "score_ms", "train_ms", "generate_ms", "generate_cpu_ms", "cpu_ms", "peak_mib"):
+                # Aligned, only GRPO(beta=0.04) has a scoring-stage pass (DGPO scores at loss time): no ratio there
+                values = [] if key == "score_ms" and config.path == "aligned" else [
+                    means[a][r][key] / means[b][r][key] for r in paired if means[a][r][key] and means[b][r][key]]
+                entry[key.removesuffix("_ms").removesuffix("_mib")] = spread(values) if values else None
+            ratios.append(entry)
+        if "dgpo" in means and "grpo_beta0" in means:
+            # What DGPO cannot avoid against a trainer without a reference: its own reference forwards
+            paired = [r for r in sorted(set(means["dgpo"]) & set(means["grpo_beta0"]))
+                      if means["dgpo"][r]["ref_forward_ms"] is not None]
+            if paired:
+                ratios.append(dict(where, ratio="floor: 1 + dgpo ref_forward / grpo_beta0", rounds=paired,
+                                   cycle=spread([1 + means["dgpo"][r]["ref_forward_ms"] / means["grpo_beta0"][r][
+                                       "cycle_ms"] for r in paired])))
+    return dict(rows=rows, ratios=ratios, targets=targets(ratios))
+
+
+def targets(ratios: list[dict]) -> list[dict]:
+    """The issue's targets, judged on the figures that carry to a GPU (TRL projecting completion positions only)."""
+    found = {(r["config"], r["ratio"]): r for r in ratios}
+    out = []
+    for key, entry in found.items():
+        config, ratio = key
+        c = Config.parse(config)
+        if c.head != "completion":
+            continue
+        cycle = entry.get("cycle") or {}
+        if ratio == "dgpo / grpo_beta0.04" and c.zero_fraction == 0:
+            out.append(dict(target=f"{c.path}, every completion scored: DGPO / GRPO(beta=0.04) <= 1.00",
+                            config=config, measured=cycle.get("mean"), ci95=cycle.get("ci95"),
+                            met=cycle.get("mean", math.inf) <= 1.00))
+            peak = entry.get("peak") or {}
+            out.append(dict(target=f"{c.path}: peak memory DGPO / GRPO(beta=0.04) <= 1.02", config=config,
+                            measured=peak.get("mean"), ci95=peak.get("ci95"),
+                            met=peak.get("mean", math.inf) <= 1.02))
+        if ratio == "dgpo / grpo_beta0.04" and c.zero_fraction >= 0.4 and c.path == "aligned":
+            out.append(dict(target=f"aligned, {c.zero_fraction:.0%} zero-advantage groups: DGPO / GRPO(beta=0.04) "
+                                   f"<= 0.95", config=config, measured=cycle.get("mean"), ci95=cycle.get("ci95"),
+                            met=cycle.get("mean", math.inf) <= 0.95))
+        if ratio == "dgpo / grpo_beta0" and c.zero_fraction == 0:
+            floor = found.get((config, "floor: 1 + dgpo ref_forward / grpo_beta0"))
+            if floor:
+                f = floor["cycle"]["mean"]
+                out.append(dict(target=f"{c.path}: DGPO / GRPO(beta=0) within 3% of its floor", config=config,
+                                measured=cycle.get("mean"), floor=f, ci95=cycle.get("ci95"),
+                                met=cycle.get("mean", math.inf) <= 1.03 * f))
+    return out
+
+
+def _f(value, digits=3):
+    """`digits` significant digits; whole numbers from there up (thousands separated), never an exponent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, float):
+        return str(value)
+    if abs(value) >= 10 ** (digits - 1):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def report(summary: dict) -> str:
+    """Markdown tables of a summary (docs/performance.md's)."""
+    lines = ["| config | variant | rounds | cycle ms (sd %) | generation ms | scoring stage ms | training steps ms | "
+             "reference backbone ms | CPU ms (system) | minor faults | peak MiB | zero-adv. groups | scored | load |",
+             "|" + " --- |" * 14]
+    for r in summary["rows"]:
+        lines.append(f"| {r['config']} | {NAMES[r['variant']]} | {r['rounds']} | {_f(r['cycle_ms'], 4)} "
+                     f"({_f(r['cycle_sd_pct'], 2)}) | {_f(r['generate_ms'])} | {_f(r['score_ms'])} | "
+                     f"{_f(r['train_ms'])} | {_f(r['ref_forward_ms'])} | {_f(r.get('cpu_ms'), 4)} "
+                     f"({_f(r.get('sys_ms'))}) | {_f(r.get('faults'), 2)} | {_f(r['peak_mib'], 4)} | "
+                     f"{_f(r['frac_reward_zero_std'], 2)} | {_f(r['scored_fraction'], 2)} | {_f(r['load_average'], 2)} |")
+    lines += ["", "| config | ratio | rounds | cycle: mean +- 95% CI (median; min-max) | rounds for +-3% | scoring "
+                  "stage | training steps | generation | CPU time +- 95% CI | peak memory |", "|" + " --- |" * 10]
+    for r in summary["ratios"]:
+        c = r["cycle"]
+        name = " ".join(NAMES.get(w, w) for w in r["ratio"].split(" "))
+
+        def mean_of(key):
+            return _f((r.get(key) or {}).get("mean"))
+
+        cpu = r.get("cpu") or {}
+        lines.append(f"| {r['config']} | {name} | {c['n']} | {_f(c['mean'])} +- {_f(c['ci95'], 2)} "
+                     f"({_f(c['median'])}; {_f(c['min'])}-{_f(c['max'])}) | {_f(c['rounds_for_3pct'])} | "
+                     f"{mean_of('score')} | {mean_of('train')} | {mean_of('generate')} | {_f(cpu.get('mean'))} +- "
+                     f"{_f(cpu.get('ci95'), 2)} | {mean_of('peak')} |")
+    by_key = {(r["path"], r["zero_fraction"], r["head"], r["ratio"]): r for r in summary["ratios"]}
+    effect = []
+    for (path, zero, head, ratio), r in by_key.items():
+        other = by_key.get((path, zero, "all", ratio))
+        if head == "completion" and other and not ratio.startswith("floor"):
+            cpu = [_f((x.get("cpu") or {}).get("mean")) for x in (r, other)]
+            effect.append(f"| {path}:{zero:g} | {' '.join(NAMES.get(w, w) for w in ratio.split(' '))} | "
+                          f"{_f(r['cycle']['mean'])} ({cpu[0]}) | {_f(other['cycle']['mean'])} ({cpu[1]}) |")
+    if effect:
+        lines += ["", "CPU-only effect (TRL's fused head projecting every position on CPU); cycle-time ratio (CPU-time "
+                      "ratio):", "", "| path:zero | ratio | TRL projects completion positions (as on a GPU) | every "
+                      "position (TRL on CPU) |", "| --- | --- | --- | --- |", *effect]
+    if summary.get("targets"):
+        lines += ["", "| target | measured | met? |", "| --- | --- | --- |"]
+        for t in summary["targets"]:
+            floor = f" (floor {_f(t['floor'])})" if "floor" in t else ""
+            lines.append(f"| {t['target']} | {_f(t['measured'])} +- {_f(t['ci95'], 2)}{floor} | "
+                         f"{'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, V 151936, both paths, few cycles (~3 min)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
-    parser.add_argument("--vocab", type=int, nargs="+", default=[QWEN2_VOCAB],
-                        help="model vocabulary sizes (99 = the character tokenizer's own; default 151936)")
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
-                        help=f"default: {' '.join(DEFAULT_VARIANTS)}")
-    parser.add_argument("--rounds", type=int, default=None, help="timed cycles per variant on both paths")
-    parser.add_argument("--rounds-aligned", type=int, default=None, help="timed cycles per variant, aligned path")
-    parser.add_argument("--rounds-offpolicy", type=int, default=None, help="timed cycles per variant, off-policy path")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed cycles first (at least 3 optimizer steps)")
-    parser.add_argument("--batch", type=int, default=None, help="completions per optimizer step (16; --quick: 8)")
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "qwen2.5-7b"], default="tiny")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="PATH:ZERO:HEAD",
+                        help="default: " + "; ".join(f"{d}: {' '.join(v['configs'])}" for d, v in DEFAULTS.items()))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of every (configuration, variant) process")
+    parser.add_argument("--batch", type=int, default=8, help="completions per optimizer step")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
-    parser.add_argument("--max-completion-length", type=int, default=None, help="32 (--quick: 16)")
-    parser.add_argument("--steps-per-generation", type=int, default=PATHS["offpolicy"],
-                        help="optimizer steps per generation on the off-policy path")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on CPU)")
+    parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--timed-cycles", type=json.loads, default=TIMED_CYCLES,
+                        help=f"timed generation cycles per process, by path (JSON; default {TIMED_CYCLES})")
+    parser.add_argument("--warmup-cycles", type=json.loads, default=WARMUP_CYCLES,
+                        help=f"untimed cycles first, by path (JSON; default {WARMUP_CYCLES})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per process (default: 2 for qwen2.5-0.5b on CPU, else 1: tiny models run "
+                             "~10x faster with 1 thread than with 2 on these 2-core machines)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse",
+                        help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
+                             "defaults, with the page faults a GPU's caching allocator does not have)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no process that would, at the mean process time so far, end after this many "
+                             "seconds (the runs file keeps what finished; the same command resumes)")
+    parser.add_argument("--max-load", type=float, default=None,
+                        help="wait before each process until the 1-minute load average is below this (shared machines; "
+                             "set it above the benchmark's own threads, whose load lingers in the average)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+                        help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dgpo_bench_models",
                         help="where the built models are kept between runs")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
-    parser.add_argument("--stem", default=None, help="results file name (default from the device and options)")
-    parser.add_argument("--report", type=Path, default=None, metavar="JSON",
-                        help="print an earlier run's results (its JSON) as markdown tables, and exit")
+    parser.add_argument("--stem", default=None, help="results file name (default steps_<shape>_<device>)")
+    parser.add_argument("--report", type=Path, default=None, metavar="RUNS_JSONL",
+                        help="print the tables of a runs file and exit")
     return parser
 
 
-def run(args) -> tuple[list[dict], list[dict], dict]:
-    """Runs every configuration of `args` (parsed by `build_parser`); prints the tables; returns rows, ratios, meta."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.set_num_threads(args.threads)
-    args.models = args.models or ["tiny"]
-    args.variants = args.variants or list(DEFAULT_VARIANTS)
-    args.batch = args.batch or (8 if args.quick else 16)
-    args.max_completion_length = args.max_completion_length or (16 if args.quick else 32)
-    args.rounds_aligned = args.rounds_aligned or args.rounds or (8 if args.quick else 20)
-    args.rounds_offpolicy = args.rounds_offpolicy or args.rounds or (2 if args.quick else 4)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    meta = machine_info(device) | {
-        "argv": sys.argv,
-        "dtype": str(dtype),
-        "paths": {p: (PATHS[p] if p != "offpolicy" else args.steps_per_generation) for p in args.paths},
-        **{k: getattr(args, k) for k in ("rounds_aligned", "rounds_offpolicy", "warmup", "batch", "generations",
-                                         "max_completion_length", "threads", "variants", "vocab")},
-        "models": {name: MODELS[name] for name in args.models},
-    }
-    print(f"# generation cycles on {meta.get('gpu', meta['cpu'])}, {args.threads} torch thread(s), {dtype}, "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
-    rows, ratios = [], []
-    for name in args.models:
-        for vocab in args.vocab:
-            for path_name in args.paths:
-                config_rows, config_ratios = run_config(name, vocab, path_name, args, device, dtype)
-                gc.collect()  # the trainers of one configuration go before the next one's are built
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                rows += config_rows
-                ratios += config_ratios
-                print(format_table(config_rows, ROW_COLUMNS))
-                print(format_table(config_ratios, RATIO_COLUMNS), flush=True)
-    meta["load_average_at_end"] = os.getloadavg()
-    return rows, ratios, meta
+def resolve(args) -> argparse.Namespace:
+    """Fills the defaults that depend on the device and the shape."""
+    if args.device is None:
+        import torch
 
-
-NAMES = {"grpo_beta0": "GRPO(beta=0)", "grpo_beta0.04": "GRPO(beta=0.04)", "dgpo": "DGPO",
-         "dgpo_noskip": "DGPO (skip off)"}
-
-
-def markdown(results: dict) -> str:
-    """`docs/performance.md`'s tables from a results JSON of this script (`--report PATH`)."""
-
-    def f(value, digits=3):
-        return "" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
-
-    meta, lines = results["meta"], []
-    lines.append(f"{meta.get('gpu', meta['cpu'])}, {meta['torch_threads']} torch thread(s), torch {meta['torch']}; "
-                 f"load average {', '.join(f'{x:.2f}' for x in meta['load_average_at_start'])} at start"
-                 + (f", {', '.join(f'{x:.2f}' for x in meta['load_average_at_end'])} at end"
-                    if "load_average_at_end" in meta else "")
-                 + f"; `{' '.join(['python', *meta['argv']])}`")
-    lines += ["", "| model | V | path | variant | cycles | cycle ms (mean) | generation ms | scoring stage ms | "
-                  "DGPO scoring ms | peak MiB | frac_reward_zero_std | scored fraction |", "|" + " --- |" * 12]
-    for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['vocab']} | {r['path']} | {NAMES.get(r['variant'], r['variant'])} | "
-                     f"{r['cycles']} | {f(r['cycle_ms'])} | {f(r['generate_ms'])} | {f(r.get('stage_ms'))} | "
-                     f"{f(r['scoring_ms'])} | "
-                     f"{f(r['peak_mib'])} | {f(r['frac_reward_zero_std'], 2)} | {f(r['scored_fraction'], 2)} |")
-    lines += ["", "| model | V | path | ratio | cycle time (mean) | median | min | without generation | peak memory |",
-              "|" + " --- |" * 9]
-    for r in meta["ratios"]:
-        name = " ".join(NAMES.get(word, word) for word in r["ratio"].split(" "))
-        lines.append(f"| {r['model']} | {r['vocab']} | {r['path']} | {name} | {f(r['cycle_time'])} | "
-                     f"{f(r.get('cycle_time_median'))} | {f(r.get('cycle_time_min'))} | {f(r.get('train_time'))} | "
-                     f"{f(r.get('peak_memory'))} |")
-    return "\n".join(lines)
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    args.dtype = args.dtype or ("bfloat16" if kind == "cuda" else "float32")
+    args.configs = args.configs or DEFAULTS[kind]["configs"]
+    args.threads = args.threads or (2 if args.shape == "qwen2.5-0.5b" and kind == "cpu" else 1)
+    args.stem = args.stem or f"steps_{args.shape}_{kind}" + ("" if args.allocator == "reuse" else f"_{args.allocator}")
+    return args
 
 
 def main():
-    if "--report" in sys.argv[1:]:
-        import json
-
-        results = json.loads(Path(sys.argv[sys.argv.index("--report") + 1]).read_text())
-        # The ratios are recomputed from the rows, so a results file reads with this script's definitions
-        configs = {}
-        for row in results["rows"]:
-            configs.setdefault((row["model"], row["vocab"], row["path"]), []).append(row)
-        results["meta"]["ratios"] = [ratio for rows in configs.values() for ratio in ratios_for(rows)]
-        print(markdown(results))
+    if sys.argv[1:2] == ["--child-build"]:
+        build_model(Path(sys.argv[5]), sys.argv[2], sys.argv[3], sys.argv[4])
+        return
+    if sys.argv[1:2] == ["--child-measure"]:
+        _die_with_parent()
+        spec = json.loads(sys.argv[2])
+        if spec["allocator"] == "reuse":
+            set_malloc("reuse")  # before the model and the trainer allocate anything large
+        result = measure(spec)
+        Path(sys.argv[3]).write_text(json.dumps(result))
         return
     args = build_parser().parse_args()
-    rows, ratios, meta = run(args)
-    device = meta["device"].split(":")[0]
-    stem = args.stem or (f"steps_{device}" + ("_quick" if args.quick else "")
-                         + ("" if args.vocab == [QWEN2_VOCAB] else "_v" + "-".join(map(str, args.vocab))))
-    print("\n# all ratios")
-    print(format_table(ratios, RATIO_COLUMNS))
-    csv_path, json_path = write_results(stem, rows, meta | {"ratios": ratios}, args.out)
-    print(f"\nwrote {csv_path} and {json_path}")
+    if args.report:
+        print(report(summarize(read_runs(args.report))))
+        return
+    run_benchmark(resolve(args))
 
 
 if __name__ == "__main__":

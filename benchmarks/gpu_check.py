@@ -18,9 +18,11 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                per added token (independent of N: a few bytes per token, the outputs; the naive pass needs 8 V).
 - liger:       one DGPOTrainer step with `use_liger_kernel=True` on a tiny CUDA Llama (bf16), and the same step
                without Liger as a control: the logged `dgpo/divergence/max` at step 1 (pi_theta == pi_ref) must be 0.
-- steps:       `benchmarks/bench_steps.py` on a random-init Qwen2.5-0.5B-shaped model (bf16, V = 151936; hidden 896,
-               24 layers, tied embeddings): DGPO vs GRPO(beta=0.04) vs GRPO(beta=0), aligned and off-policy
-               (steps_per_generation 8) generation cycles, interleaved, with torch.cuda.max_memory_allocated.
+- steps:       `benchmarks/bench_steps.py`'s benchmark with its own definitions (the CPU figures' batch, lengths and
+               configurations), at the random-init Qwen2.5-0.5B shape (bf16, V = 151936): DGPO vs GRPO(beta=0.04) vs
+               GRPO(beta=0), aligned (every completion scored, and 40% zero-advantage groups) and off-policy
+               (steps_per_generation 2), one process per trainer, as many rounds (up to 3) as fit in the section's
+               time, torch.cuda.max_memory_allocated. Its runs file lands in `$OUT/steps/`.
 
 A failing section is recorded (status "failed", the error, the end of its output) and the kit goes on. Everything
 lands in `$OUT/gpu_check.json` and `$OUT/gpu_check.log` (`--out DIR` where $OUT is unset; default
@@ -323,8 +325,6 @@ def section_divergence(dry: bool, device) -> dict:
     result = dict(dtype=str(dtype), fused_kernel=fused, rows=rows, summary=summary, targets=targets)
     if not fused:
         result["fused"] = "skipped: the fused kernel needs a CUDA device and Triton"
-    if device.type == "cpu":
-        result["memory_note"] = "CPU dry run: peak RSS without the benchmark's mmap-threshold re-exec (indicative)"
     if errors:
         result["errors"] = errors
         raise SectionFailed(f"{len(errors)} case(s) failed: " + "; ".join(
@@ -337,7 +337,7 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
-    from bench_steps import mixed_reward
+    from bench_steps import ControlledReward
     from dgpo_trl import DGPOConfig, DGPOTrainer
     from dgpo_trl.tiny import reversal_dataset
 
@@ -368,7 +368,8 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
         dgpo_skip_zero_advantage=False,  # score every completion, whatever the rewards
         model_init_kwargs={"dtype": dtype},
     )
-    trainer = DGPOTrainer(path, mixed_reward, args=config, train_dataset=reversal_dataset(64, seed=3),
+    reward = ControlledReward(0.0, config.num_generations)  # every group informative
+    trainer = DGPOTrainer(path, reward, args=config, train_dataset=reversal_dataset(64, seed=3),
                           processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(CaptureLogs())
@@ -425,46 +426,36 @@ def section_liger(dry: bool, device) -> dict:
 
 
 def section_steps(dry: bool, device, partial_path: Path) -> dict:
+    """`bench_steps.py`'s benchmark, its definitions unchanged (shape, batch, lengths, configurations): one process
+    per trainer, rounds interleaved. Its runs file lands in the kit's output folder, so whatever finished comes
+    back even if the section runs out of time."""
     import bench_steps
 
     if dry:
-        argv = ["--models", "micro", "--vocab", "2048", "--batch", "4", "--generations", "4",
-                "--max-completion-length", "4", "--steps-per-generation", "2", "--rounds", "1", "--warmup", "1"]
+        # Both paths, both TRL heads, a zero-advantage fraction and all three variants, at the smallest shape
+        argv = ["--shape", "micro", "--configs", "aligned:0.5:completion", "offpolicy:0:all", "--rounds", "1",
+                "--batch", "4", "--generations", "4", "--max-completion-length", "4",
+                "--timed-cycles", '{"aligned": 2, "offpolicy": 1}', "--warmup-cycles", '{"aligned": 1, "offpolicy": 1}']
     else:
-        argv = ["--models", "qwen2.5-0.5b", "--vocab", str(bench_steps.QWEN2_VOCAB), "--batch", "32",
-                "--generations", "8", "--max-completion-length", "128", "--rounds-aligned", "4",
-                "--rounds-offpolicy", "2", "--warmup", "1"]
-    argv += ["--device", device.type, "--variants", "grpo_beta0", "grpo_beta0.04", "dgpo"]
-    args = bench_steps.build_parser().parse_args(argv)
-    result = dict(argv=argv, rows=[], ratios=[], errors={})
-    import torch
+        # As many rounds as fit in the section's time (a round is 9 processes: 3 configurations x 3 trainers)
+        # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
+        limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
+        argv = ["--shape", "qwen2.5-0.5b", "--rounds", "3", "--budget-s", f"{limit - 30:.0f}"]
+    # The kit's output folder ($OUT on the device machine: it comes back), which the parent passes down
+    out = Path(os.environ.get("DGPO_GPU_CHECK_OUT", partial_path.parent)) / "steps"
+    argv += ["--device", device.type, "--out", str(out), "--stem", "steps_gpu_check"]
+    args = bench_steps.resolve(bench_steps.build_parser().parse_args(argv))
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    def progress(summary):
+        partial_path.write_text(json.dumps(dict(argv=argv, **summary), default=str))
+
     with tempfile.TemporaryDirectory(prefix="dgpo_gpu_check_models_") as cache:
         args.cache = Path(cache)
-        _steps_paths(args, result, partial_path)
-    result["dtype"] = str(dtype)
-    if result["errors"]:
-        raise SectionFailed("; ".join(f"{k}: {v.splitlines()[0]}" for k, v in result["errors"].items()), result)
-    return result
-
-
-def _steps_paths(args, result, partial_path):
-    import bench_steps
-
-    # One path at a time, the results so far written after each: a time-out keeps what finished
-    for path_name in args.paths:
-        sub = argparse.Namespace(**vars(args))
-        sub.paths = [path_name]
-        try:
-            rows, ratios, meta = bench_steps.run(sub)
-            result["rows"] += rows
-            result["ratios"] += ratios
-            result.setdefault("meta", meta)
-        except Exception as error:  # noqa: BLE001 - recorded; the other path still runs
-            result["errors"][path_name] = f"{type(error).__name__}: {error}\n{traceback.format_exc()[-3000:]}"
-            _log(result["errors"][path_name])
-        partial_path.write_text(json.dumps(result, default=str))
+        summary = bench_steps.run_benchmark(args, progress=progress)
+    if dry:  # the dry run's tiny shapes measure nothing: its targets are recorded, not judged
+        for target in summary["targets"]:
+            target["met"] = None
+    return dict(argv=argv, **summary)
 
 
 class SectionFailed(Exception):
@@ -569,7 +560,7 @@ def main():
 
     report = dict(kit="dgpo-trl gpu_check", dry_run=args.dry_run, argv=sys.argv, started=time.strftime("%F %T %Z"),
                   host=platform.node(), python=sys.executable, budget_s=args.budget_s, sections={})
-    env = dict(os.environ)
+    env = dict(os.environ, DGPO_GPU_CHECK_OUT=str(out))
     env.setdefault("PYTHONUNBUFFERED", "1")
     pythonpath = [str(ROOT)]
     if args.install == "yes" or (args.install == "auto" and not args.dry_run):
@@ -595,8 +586,9 @@ def main():
                    str(result_path)] + (["--dry-run"] if args.dry_run else [])
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, timeout=limit)
+                # The section's time limit goes down too: the steps section sizes its rounds to it
+                proc = subprocess.run(cmd, env=dict(env, DGPO_GPU_CHECK_LIMIT_S=f"{limit:.0f}"), cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=limit)
                 output, returncode, timed_out = proc.stdout, proc.returncode, False
             except subprocess.TimeoutExpired as expired:
                 output = expired.stdout or ""
@@ -660,14 +652,15 @@ def summarize(report: dict) -> dict:
                     lines.append(f"    {run}: dgpo/divergence/max at step 1 = {value}")
         if name == "steps":
             for row in result.get("rows", []):
-                lines.append(f"    {row['path']:9s} {row['variant']:13s} cycle {row['cycle_ms']:.0f} ms "
+                lines.append(f"    {row['config']:22s} {row['variant']:13s} cycle {row['cycle_ms']:.0f} ms "
                              f"(generation {row['generate_ms'] or 0:.0f}), peak {row['peak_mib']:.0f} MiB, "
-                             f"frac_reward_zero_std {row['frac_reward_zero_std']}")
+                             f"{row['rounds']} round(s), zero-advantage groups {row['frac_reward_zero_std']}")
             for ratio in result.get("ratios", []):
                 if ratio["ratio"].startswith("dgpo /"):
-                    lines.append(f"    {ratio['path']:9s} {ratio['ratio']}: cycle {ratio['cycle_time']:.3f}, "
-                                 f"without generation {ratio.get('train_time') or float('nan'):.3f}, "
-                                 f"peak memory {ratio['peak_memory']:.3f}")
+                    cycle, peak = ratio["cycle"], ratio.get("peak") or {}
+                    lines.append(f"    {ratio['config']:22s} {ratio['ratio']}: cycle {cycle['mean']:.3f} "
+                                 f"(+- {cycle['ci95']:.3f}, {cycle['n']} rounds), peak memory "
+                                 f"{peak.get('mean', float('nan')):.3f}")
     for target in targets:
         verdict = {True: "met", False: "MISSED", None: "not judged (dry run)"}[target["met"]]
         lines.append(f"target {verdict}: {target['target']} (measured {target['measured']})")

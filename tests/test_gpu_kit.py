@@ -79,47 +79,75 @@ def test_dry_run_values_are_sane(dry_run):
     assert liger["liger"].startswith("skipped")
 
     steps = sections["steps"]
-    rows = {(row["path"], row["variant"]): row for row in steps["rows"]}
-    assert set(rows) == {(p, v) for p in ("aligned", "offpolicy") for v in ("grpo_beta0", "grpo_beta0.04", "dgpo")}
+    rows = {(row["config"], row["variant"]): row for row in steps["rows"]}
+    configs = ("aligned:0.5:completion", "offpolicy:0:all")
+    assert set(rows) == {(c, v) for c in configs for v in ("dgpo", "grpo_beta0.04", "grpo_beta0")}
     for row in rows.values():
-        assert row["cycles"] >= 1 and row["cycle_ms"] > 0 and row["peak_mib"] > 0, row
+        assert row["rounds"] == 1 and row["cycle_ms"] > 0 and row["peak_mib"] > 0, row
         assert row["generate_ms"] is not None and 0 < row["generate_ms"] < row["cycle_ms"], row
-        assert 0.0 <= row["frac_reward_zero_std"] <= 1.0
-    assert rows[("offpolicy", "dgpo")]["steps_per_cycle"] == 2 and rows[("aligned", "dgpo")]["steps_per_cycle"] == 1
-    # Off-policy: DGPO scores every completion at TRL's scoring-time forward
-    assert rows[("offpolicy", "dgpo")]["scored_fraction"] == 1.0
-    # A reference model costs memory; GRPO(beta=0) has none
-    for path in ("aligned", "offpolicy"):
-        assert rows[(path, "grpo_beta0.04")]["resident_mib"] > rows[(path, "grpo_beta0")]["resident_mib"]
+        assert row["score_ms"] >= 0 and row["train_ms"] > 0, row
+    # The controlled reward set the zero-advantage fraction; DGPO skipped exactly those groups on the aligned path
+    # and scored everything off-policy
+    assert rows[("aligned:0.5:completion", "dgpo")]["frac_reward_zero_std"] == 0.5
+    assert rows[("aligned:0.5:completion", "dgpo")]["scored_fraction"] == 0.5
+    assert rows[("offpolicy:0:all", "dgpo")]["frac_reward_zero_std"] == 0.0
+    assert rows[("offpolicy:0:all", "dgpo")]["scored_fraction"] == 1.0
+    # The reference's backbone is timed where there is one
+    for config in configs:
+        assert rows[(config, "grpo_beta0")]["ref_forward_ms"] is None
+        assert rows[(config, "grpo_beta0.04")]["ref_forward_ms"] > 0 and rows[(config, "dgpo")]["ref_forward_ms"] > 0
     ratios = [r for r in steps["ratios"] if r["ratio"] in ("dgpo / grpo_beta0.04", "dgpo / grpo_beta0")]
-    assert len(ratios) == 4 and all(math.isfinite(r["cycle_time"]) and r["peak_memory"] > 0 for r in ratios)
+    assert len(ratios) == 4 and all(math.isfinite(r["cycle"]["mean"]) and r["peak"]["mean"] > 0 for r in ratios)
+    assert steps["targets"] and all(t["met"] is None for t in steps["targets"])  # dry run: not judged
 
 
-def test_padded_vocabulary_keeps_the_warmed_model(warm_model_path, tmp_path):
-    """bench_steps' users'-scale model: the warmed tiny Llama padded to a larger vocabulary keeps its behaviour on
-    the real tokens, while every projection runs over the full vocabulary."""
+def _bench_steps():
     sys.path.insert(0, str(BENCH))
     try:
-        from bench_steps import pad_vocabulary
+        import bench_steps
     finally:
         sys.path.remove(str(BENCH))
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    return bench_steps
 
-    from dgpo_trl.tiny import reversal_dataset, sft_batch
 
-    info = pad_vocabulary(warm_model_path, str(tmp_path / "padded"), 4096, max_log_mass=-6.0)
-    assert info["pad_log_mass_max"] <= -6.0 + 1e-3
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "padded")
-    padded = AutoModelForCausalLM.from_pretrained(tmp_path / "padded")
-    original = AutoModelForCausalLM.from_pretrained(warm_model_path)
-    assert padded.config.vocab_size == 4096 and padded.get_output_embeddings().weight.shape[0] == 4096
-    assert len(tokenizer) == original.config.vocab_size  # the tokenizer keeps its own tokens
-    batch = sft_batch(tokenizer, list(reversal_dataset(32, seed=11)))
-    with torch.no_grad():
-        z_pad = padded(**batch).logits
-        z_orig = original(**batch).logits
-    mask = batch["labels"][:, 1:] != -100
-    # Same logits on the real tokens; the padding's share of probability is tiny at every answer position
-    torch.testing.assert_close(z_pad[..., : z_orig.shape[-1]], z_orig)
-    pad_mass = z_pad[:, :-1][mask].log_softmax(-1)[:, z_orig.shape[-1] :].logsumexp(-1).exp()
-    assert pad_mass.max() < 0.01
+@pytest.mark.parametrize("fraction", [0.0, 0.4, 0.5, 0.75])
+def test_controlled_reward_sets_the_zero_advantage_fraction(fraction):
+    """The step benchmark's reward: exactly `fraction` of the groups constant, the others all distinct, the same
+    sequence in every process (it depends on the group index only), across calls of any size."""
+    reward = _bench_steps().ControlledReward(fraction, num_generations=4)
+    rewards = reward(["p"] * 8, ["c"] * 8) + reward(["p"] * 32, ["c"] * 32)  # 10 groups over two calls
+    groups = [rewards[i : i + 4] for i in range(0, len(rewards), 4)]
+    constant = [len(set(g)) == 1 for g in groups]
+    assert sum(constant) == math.floor(fraction * len(groups))
+    assert all(len(set(g)) == 4 for g, c in zip(groups, constant) if not c)
+    again = _bench_steps().ControlledReward(fraction, num_generations=4)
+    assert again(["p"] * 40, ["c"] * 40) == rewards
+    with pytest.raises(ValueError):
+        reward(["p"] * 3, ["c"] * 3)
+
+
+def test_step_benchmark_pairs_ratios_within_rounds():
+    """Ratios are taken per round (each process against the other variant's of the same round) and summarised with
+    their spread, and the rounds a +-3% resolution needs."""
+    bench = _bench_steps()
+
+    def run(variant, round_, cycle_s, ref_s=None):
+        cycle = dict(total_s=cycle_s, generate_s=0.1, score_s=0.1, train_s=cycle_s - 0.2, ref_forward_s=ref_s,
+                     warmup=False)
+        return dict(config="aligned:0:completion", variant=variant, round=round_, peak_mib=100.0,
+                    cycles=[dict(cycle, warmup=True, total_s=99.0), cycle], load_average_start=[0.0],
+                    wall_s=1.0, frac_reward_zero_std=0.0, scored_fraction=None, completion_length=None)
+
+    # Round 2 runs 2x slower for everyone (machine drift): the per-round ratio stays 0.9
+    runs = [run("dgpo", r, 0.9 * s, 0.05 * s) for r, s in ((1, 1.0), (2, 2.0))] + [
+        run("grpo_beta0.04", r, s, 0.1 * s) for r, s in ((1, 1.0), (2, 2.0))] + [
+        run("grpo_beta0", r, 0.8 * s) for r, s in ((1, 1.0), (2, 2.0))]
+    summary = bench.summarize(runs)
+    ratio = {r["ratio"]: r for r in summary["ratios"]}
+    assert ratio["dgpo / grpo_beta0.04"]["cycle"]["mean"] == pytest.approx(0.9)
+    assert ratio["dgpo / grpo_beta0.04"]["cycle"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert ratio["dgpo / grpo_beta0"]["cycle"]["mean"] == pytest.approx(0.9 / 0.8)
+    assert ratio["floor: 1 + dgpo ref_forward / grpo_beta0"]["cycle"]["mean"] == pytest.approx(1 + 0.05 / 0.8)
+    spread = bench.spread([1.0, 1.1, 0.9, 1.0])
+    assert spread["ci95"] == pytest.approx(3.182 * spread["sd"] / 2)
+    assert bench.t95(spread["rounds_for_3pct"] - 1) * spread["sd"] / spread["rounds_for_3pct"] ** 0.5 <= 0.03
