@@ -7,9 +7,11 @@ with sane values. Nothing here times anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,3 +153,26 @@ def test_step_benchmark_pairs_ratios_within_rounds():
     spread = bench.spread([1.0, 1.1, 0.9, 1.0])
     assert spread["ci95"] == pytest.approx(3.182 * spread["sd"] / 2)
     assert bench.t95(spread["rounds_for_3pct"] - 1) * spread["sd"] / spread["rounds_for_3pct"] ** 0.5 <= 0.03
+
+
+def test_step_benchmark_does_not_resume_another_machines_runs(tmp_path):
+    """A table mixes rounds, so a runs file measured on one processor is not continued on another: an interrupted run
+    resumed on a different machine would pair its rounds with rounds of other speeds."""
+    bench = _bench_steps()
+    args = argparse.Namespace(
+        shape="micro", device="cpu", dtype="float32", threads=1, batch=8, generations=8, max_completion_length=16,
+        warmup_cycles={"aligned": 2}, timed_cycles={"aligned": 5}, allocator="reuse", out=tmp_path, stem="steps")
+    settings = bench.settings_of(args)
+    here = bench.machine_label("cpu")
+    run = dict(settings, config="aligned:0:completion", variant="dgpo", round=1, settings=settings)
+    (tmp_path / "steps.runs.jsonl").write_text(json.dumps(dict(run, machine="Another CPU")) + "\n")
+    with pytest.raises(SystemExit, match=re.escape(f"measured on 'Another CPU', this is {here!r}; use another --stem")):
+        bench.run_benchmark(args)
+
+
+@pytest.mark.parametrize(("mean", "ci95", "met", "resolved"), [
+    (0.97, 0.02, True, True), (0.99, 0.02, True, False), (1.01, 0.02, False, False), (1.05, 0.02, False, True),
+    (0.97, math.nan, True, False)])
+def test_a_target_is_resolved_only_when_its_interval_is_on_one_side(mean, ci95, met, resolved):
+    """A mean of 1.002 +- 0.04 is not "missed" against a limit of 1.00, nor 0.99 +- 0.02 "met": both are unresolved."""
+    assert _bench_steps().judge(mean, ci95, 1.00) == dict(met=met, resolved=resolved)
