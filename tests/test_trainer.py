@@ -250,9 +250,11 @@ def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_da
 
 @pytest.mark.parametrize("path", ["loss_time", "scoring_time"])
 def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, reversal_train_dataset, tmp_path, path):
-    # TRL's top_entropy_quantile trains only the top 20% highest-entropy tokens; DGPO puts each completion's weight
-    # on those: w_t = K_i * softmax over the K_i kept tokens (DGPO's weights renormalised there), 0 elsewhere
-    kw = dict(top_entropy_quantile=0.2, max_steps=2, gradient_checkpointing=False)
+    # TRL's top_entropy_quantile trains only the highest-entropy tokens (here the top half); DGPO puts each
+    # completion's weight on those: w_t = K_i * softmax over the K_i kept tokens (DGPO's weights renormalised there), 0
+    # elsewhere. A completion with one kept token gets weight 1 there whatever DGPO's scores, exactly GRPO's: with the
+    # top 20% of these 4-7-token completions that was every completion of a step on some CPUs, so the test keeps half
+    kw = dict(top_entropy_quantile=0.5, max_steps=2, gradient_checkpointing=False)
     if path == "scoring_time":  # old log-probs at generation time; the second generation batch is at step 3
         kw.update(steps_per_generation=2, max_steps=3)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
@@ -280,7 +282,7 @@ def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, re
     # Step 1: pi_theta == pi_ref, uniform weights: exactly GRPO under the same mask
     for key in ("loss", "grad_norm"):
         assert history(trainer, key)[0] == history(grpo, key)[0], key
-    spread = checked = 0
+    reallocated = checked = 0
     for step, kept, valid, before, after in records:
         for i in range(len(kept)):
             if not kept[i].any() or not torch.isfinite(after[i]).all():  # A_i = 0: no weight to place
@@ -291,8 +293,8 @@ def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, re
             # DGPO's own weights, renormalised over the kept tokens
             ratio = after[i][kept[i]] / before[i][kept[i]]
             torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=0)
-            spread += step > 0 and bool(before[i][valid[i]].std() > 0.05)
-    assert checked >= 10 and spread >= 3  # weights that were really reallocated, not only uniform ones
+            reallocated += step > 0 and bool(after[i][kept[i]].std() > 0.05)  # unequal weights on >= 2 kept tokens
+    assert checked >= 10 and reallocated >= 3  # weights that were really reallocated, not only uniform ones
     assert history(trainer, "grad_norm")[-1] != history(grpo, "grad_norm")[-1]
 
 
