@@ -5,10 +5,12 @@ DGPO) from a model saved on disk beforehand, trains it for a few generation cycl
 processes run one at a time, in rounds: round 1 runs every configuration's variants (A B C), round 2 runs them again
 with the order rotated (B C A), and so on. Each ratio is taken per round (DGPO's process against the baseline's of the
 same round, minutes apart) and then summarised over rounds: mean, median, spread and a 95% confidence half-width, with
-the number of rounds a +-3% resolution would need. Why processes, not threads in one process: identical work costs the
-same in every process, whereas in one shared process it did not (docs/performance.md: GRPO(beta=0.04)'s generation
-and training steps measured 20-40% slower there); peak memory is the process's own; and at Qwen2.5-0.5B's shape three
-trainers do not fit in 24 GiB at once.
+the number of rounds a +-3% resolution would need; and again "at the same generation speed" (each process's cycle over
+its own generation time, the same work in every variant: it cancels a host whose speed drifts between processes).
+Targets are judged met or missed on the mean, and resolved only when the whole 95% interval is on one side. Why
+processes, not threads in one process: identical work costs the same in every process, whereas in one shared process
+it did not (docs/performance.md: GRPO(beta=0.04)'s generation and training steps measured 20-40% slower there); peak
+memory is the process's own; and at Qwen2.5-0.5B's shape three trainers do not fit in 24 GiB at once.
 
 Model: random-init Qwen2-shaped causal LMs (`SHAPES`; tied embeddings like Qwen2.5-0.5B) with the character
 tokenizer. At V = 151,936 a random model practically never samples its end-of-sequence token, so every completion
