@@ -45,10 +45,10 @@ def backbone_forward(root: torch.nn.Module, model: torch.nn.Module, model_inputs
     TRL's fused LM head replaces) runs the backbone and `head` instead, so every module from the root down to the
     causal LM runs with the hooks its engine installed, as in a normal forward: FSDP2 unshards the root's own
     parameters (the embedding among them) and ZeRO-3 traces the same module order; a backbone called on its own can
-    meet sharded parameters, depending on what ran before. The LM-head module is never called (under ZeRO-3 a call of the policy's
-    before its training forward corrupts the backward); a `head` that reads the LM-head weights reads them where TRL's
-    fused head does, inside the causal LM's forward (ZeRO-3 registers them there as that module's parameters). The
-    causal LM's own forward is restored afterwards, also when the call raises.
+    meet sharded parameters, depending on what ran before. The LM-head module is never called (under ZeRO-3 a call of
+    the policy's before its training forward corrupts the backward); a `head` that reads the LM-head weights reads them
+    where TRL's fused head does, inside the causal LM's forward (ZeRO-3 registers them there as that module's
+    parameters). The causal LM's own forward is restored afterwards, also when the call raises.
     """
     lm = causal_lm(model)
     backbone = lm.base_model
