@@ -183,7 +183,8 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         raise ValueError(
             f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} cancels DGPO's token weights "
             "(one importance ratio per sequence makes sum_t w_t * loss_i = T_i * loss_i). Use "
-            f"importance_sampling_level='token', or loss_type in {list(_TOKEN_GRADIENT_LOSSES)}, or dgpo_score='uniform'."
+            "importance_sampling_level='token' (TRL's default) with a token-level loss such as loss_type='grpo', or "
+            "dgpo_score='uniform' to train at sequence level without DGPO's weights."
         )
     if warn and args.beta != 0.0 and score != "uniform":
         warnings.warn(

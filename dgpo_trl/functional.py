@@ -360,20 +360,23 @@ def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (~torch.isfinite(scores) & mask.bool()).any(dim=-1)
 
 
-def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
-    """w = T_i * softmax over sequence i's valid tokens of s / tau; 0 on invalid tokens and on empty sequences.
+def weights_from_scores(scores: torch.Tensor, mask: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """w = T_i * softmax over sequence i's valid tokens of s / tau; 0 on invalid tokens and on empty sequences. `tau`
+    is a number or a tensor that broadcasts against the scores (e.g. (B, 1), one per sequence).
 
     Computed in float32, or in float64 for float64 scores. A sequence holding a non-finite score falls back to uniform
-    weights (w = 1 on its valid tokens), so NaN never reaches the loss.
+    weights (w = 1 on its valid tokens), so NaN never reaches the loss. Finite for every tau > 0: the scores are
+    shifted by their sequence's maximum before the division, so s / tau never overflows (a tau so small that it
+    would gives the limit, all of a sequence's weight shared by its top-scoring tokens).
     """
     mask = mask.bool()
     scores = scores if scores.dtype == torch.float64 else scores.float()
-    fallback = nonfinite_sequences(scores, mask).unsqueeze(-1)
-    logits = torch.where(mask & ~fallback, scores / tau, 0.0)
-    logits = logits.masked_fill(~mask, -math.inf)
-    row_max = logits.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
-    e = torch.exp(logits - row_max)  # exactly 0 on invalid tokens
+    usable = mask & ~nonfinite_sequences(scores, mask).unsqueeze(-1)
+    row_max = torch.where(usable, scores, -math.inf).amax(dim=-1, keepdim=True)
+    gaps = torch.where(usable, scores - torch.where(torch.isfinite(row_max), row_max, 0.0), 0.0)  # <= 0
+    # A zero gap stays 0 even where tau rounds to 0 in the scores' dtype (0 / 0 would be NaN); the others go to -inf
+    logits = torch.where(gaps == 0, 0.0, gaps / tau).masked_fill(~mask, -math.inf)
+    e = torch.exp(logits)  # in [0, 1], exactly 1 at each sequence's maximum, exactly 0 on invalid tokens
     lengths = mask.sum(dim=-1, keepdim=True).to(scores.dtype)
     return lengths * e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
 

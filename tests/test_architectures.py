@@ -174,8 +174,9 @@ def test_weights_match_float64_recomputation(architecture_path, tmp_path, archit
         "entropy_rel": _max_error(stats.entropy[valid], entropy[rows][valid], relative=True),
         "weight_rel": _max_error(weights[valid], expected[rows][valid], relative=True),
         "policy_logp_abs": _max_error(stats.policy_logps[valid], label_logps["policy"][rows][valid]),
-        "ref_logp_abs": _max_error(stats.ref_logps[valid], label_logps["ref"][rows][valid]),
     }
+    if path_name == "scoring_time":  # beta > 0: TRL's KL term gets the reference's log-probs from DGPO's forward
+        errors["ref_logp_abs"] = _max_error(stats.ref_logps[valid], label_logps["ref"][rows][valid])
     print(f"\n[architectures] {where}: weight std {weights[valid].std():.3f}, "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))  # fmt: skip
 
@@ -189,10 +190,10 @@ def test_weights_match_float64_recomputation(architecture_path, tmp_path, archit
     # The advantages TRL's loss receives: A_i * w_t, 0 on padding and for the unscored completions (A_i = 0)
     token_advantages = sequence_advantages.unsqueeze(1).double() * expected
     close(output["advantages"], token_advantages, "advantages", rtol=WEIGHT_RTOL, atol=1e-7)
-    # The label log-probs of DGPO's pass (TRL's reference log-probs when beta > 0)
+    # TRL's label log-probs of pi_old (its training forward, or its scoring-time forward DGPO's pass runs)
     close(stats.policy_logps[valid], label_logps["policy"][rows][valid], "policy log-probs", atol=LOGP_ATOL, rtol=0)
-    close(stats.ref_logps[valid], label_logps["ref"][rows][valid], "reference log-probs", atol=LOGP_ATOL, rtol=0)
     if path_name == "scoring_time":
-        # TRL's pi_old log-probs (its own fused forward, run by DGPO's joint pass) and reference log-probs (DGPO's)
+        # TRL's old and reference log-probs, from TRL's fused head on the policy's and DGPO's reference forwards
+        close(stats.ref_logps[valid], label_logps["ref"][rows][valid], "reference log-probs", atol=LOGP_ATOL, rtol=0)
         for key, model in (("old_per_token_logps", "policy"), ("ref_per_token_logps", "ref")):
             close(output[key][mask], label_logps[model][mask], key, atol=LOGP_ATOL, rtol=0)

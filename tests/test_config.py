@@ -169,3 +169,23 @@ def test_the_supported_trl_release_matches_the_package_metadata(tmp_path):
     result = _import_with_trl_version(tmp_path, "1.16.3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1.16.3"  # the stand-in was the distribution checked
+
+
+def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(tiny_model_path, reversal_train_dataset,
+                                                                          tmp_path, caplog):
+    """The refusal used to suggest cispo/vespo at sequence level, which TRL then warns against; what it suggests now
+    builds a trainer without a warning from TRL."""
+    import logging
+
+    from dgpo_trl import DGPOTrainer
+    from dgpo_trl.tiny import exact_match_reward
+
+    with pytest.raises(ValueError) as refused:
+        DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="grpo"))
+    message = str(refused.value)
+    assert "cispo" not in message and "vespo" not in message
+    assert "importance_sampling_level='token'" in message and "loss_type='grpo'" in message
+    with caplog.at_level(logging.WARNING, logger="trl"):
+        DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                    args=DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="token", loss_type="grpo")))
+    assert not [r for r in caplog.records if r.name.startswith("trl") and r.levelno >= logging.WARNING]

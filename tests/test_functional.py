@@ -289,3 +289,15 @@ def test_tau_for_target_ess_calls_reduce_the_same_number_of_times_whatever_the_d
 def test_functional_module_does_not_import_trl():
     code = "import sys, dgpo_trl.functional, dgpo_trl; assert 'trl' not in sys.modules, 'trl imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-8, 1e-45, 1e-310])
+def test_weights_stay_finite_for_any_positive_tau(dtype, tau):
+    """s / tau overflowed for tiny taus (NaN weights); the weights now reach the softmax's limit: each sequence's
+    weight shared by its top-scoring tokens, mean 1, also where tau rounds to 0 in the scores' dtype."""
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.0], [0.5, 0.2, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    weights = weights_from_scores(scores, mask, tau)
+    expected = torch.tensor([[0, 2, 2, 0], [2, 0, 0, 0], [1, 1, 1, 0]], dtype=dtype)
+    assert torch.equal(weights, expected)
