@@ -12,7 +12,9 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                torch tiles, fp32, bf16 and fp16, CUDA tests included; the Triton-interpreter test is left to
                `make test`), then the kernel's numerics at an LM's size (N 1024, V 151936, H 896, fp32 and bf16
                inputs): the largest absolute error of each statistic against the float64 reference on the same inputs;
-               and an ahead-of-time compile of the kernel for sm_90 (which the CPU dry run can do too).
+               the guard of `token_statistics`' default dispatch on the same inputs (the kernel's first run checked
+               against the torch tiles: passed or not, the largest difference, which path ran, no re-check on a second
+               call); and an ahead-of-time compile of the kernel for sm_90 (which the CPU dry run can do too).
 - divergence:  `benchmarks/bench_divergence.py`'s cases at V = 151936, H = 896 and 3584, N 2048/8192/16384, bf16: the
                fused kernel and the torch tiles against the two-matmul floor (target <= 1.15x), and the extra memory
                per added token (independent of N: a few bytes per token, the outputs; the naive pass needs 8 V).
@@ -166,6 +168,7 @@ def section_parity(dry: bool, device) -> dict:
     # Tolerances: both sides take the same (bf16 or fp32) inputs and accumulate in fp32, so the error is the fp32
     # summation order over H products and V terms (the CUDA tests use 2e-5 to 3e-4 at V 301-32003)
     tolerance = 1e-3
+    guard = []
     for dtype in (torch.float32, torch.bfloat16):
         h_p, w_p, h_q, w_q, labels = make_inputs(n, vocab, hidden, dtype, device)
         want = token_statistics_reference(h_p, w_p, h_q, w_q, labels)
@@ -185,19 +188,67 @@ def section_parity(dry: bool, device) -> dict:
             numerics.append(row)
             if not row["within_tolerance"]:
                 problems.append(f"{method} {row['dtype']}: max abs error {row['max_abs_err']:.2e} > {tolerance}")
+        guard.append(kernel_guard_check(h_p, w_p, h_q, w_q, labels, device))
+        if fused and not (guard[-1]["paths"] == ["fused", "fused"] and guard[-1]["checks"] == 1
+                          and guard[-1]["passed"] and not guard[-1]["warnings"]):
+            problems.append(f"kernel guard {guard[-1]['dtype']}: {guard[-1]}")
         del h_p, w_p, h_q, w_q, labels, want, got
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not fused:
         result["fused_numerics"] = "skipped: the fused kernel needs a CUDA device and Triton"
-    result.update(numerics=numerics, tolerance=tolerance)
+    result.update(numerics=numerics, tolerance=tolerance, kernel_guard=guard)
     for row in numerics:
         _log(f"  {row['method']:5s} {row['dtype']:8s} N={n} V={vocab} H={hidden}: max abs error "
              + ", ".join(f"{f} {row[f + '_max_abs_err']:.1e}" for f in TokenStatistics._fields))
+    for row in guard:
+        _log(f"  kernel guard {row['dtype']}: {_guard_line(row)}")
     if problems:
         result["problems"] = problems
         raise SectionFailed("; ".join(problems), result)
     return result
+
+
+def kernel_guard_check(h_p, w_p, h_q, w_q, labels, device) -> dict:
+    """Two calls of `token_statistics`' default dispatch on these inputs, as a training run's first two divergence
+    passes meet them: on CUDA the first runs the kernel and checks its first token chunk against the torch tiles
+    (passed or not, the statistic that differed most and its largest difference, the tolerance), the second runs it
+    without re-checking; which path each ran; the guard's warnings. On CPU the default dispatch runs the tiles."""
+    import warnings
+
+    import torch
+
+    from dgpo_trl import functional
+
+    functional._KERNEL_CHECKS.clear()  # a first call in this process for these inputs (the pytest run made others)
+    paths, seconds = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            functional.token_statistics(h_p, w_p, h_q, w_q, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            paths.append(functional.last_divergence_path())
+    checks = list(functional._KERNEL_CHECKS.values())
+    row = dict(dtype=str(h_p.dtype).removeprefix("torch."), paths=paths, first_call_s=seconds[0],
+               second_call_s=seconds[1], checks=len(checks),
+               warnings=[str(w.message) for w in caught if "fused Triton kernel" in str(w.message)])
+    if checks:
+        row.update(checks[0]._asdict())
+    return row
+
+
+def _guard_line(row: dict) -> str:
+    if not row.get("checks"):
+        return f"paths {row['paths']}, no check (the default dispatch runs the kernel on CUDA only)"
+    found = row["error"] or (f"largest difference {row['difference']:.1e} ({row['field']}, "
+                             f"tolerance {row['tolerance']})")
+    return (f"first call {'verified' if row['passed'] else 'FELL BACK'}: {found}; paths {row['paths']}, "
+            f"{row['checks']} check(s), {row['first_call_s'] * 1e3:.0f} / {row['second_call_s'] * 1e3:.0f} ms")
 
 
 def compile_for_hopper() -> dict:
@@ -640,6 +691,8 @@ def summarize(report: dict) -> dict:
             lines.append(f"    pytest: {result.get('counts')}")
             for row in result.get("numerics", []):
                 lines.append(f"    {row['method']} {row['dtype']}: max abs error {row['max_abs_err']:.1e}")
+            for row in result.get("kernel_guard", []):
+                lines.append(f"    kernel guard {row['dtype']}: {_guard_line(row)}")
         if name == "divergence":
             for row in result.get("summary", []):
                 lines.append(f"    {row['method']} H={row['H']}: {row['ratio_min']:.3f}-{row['ratio_max']:.3f} x floor"

@@ -18,13 +18,16 @@ exist for more than one tile. The Bhattacharyya coefficient needs no second pass
 
 `token_statistics_reference` is the naive float64 full-softmax version the tiled one is tested against. On CUDA, when
 Triton is installed, `token_statistics` runs the same pass as one fused kernel (`dgpo_trl.kernels`) instead of the
-torch tiles; `use_triton=False` or the environment variable `DGPO_TRITON=0` keeps the torch tiles.
+torch tiles; `use_triton=False` or the environment variable `DGPO_TRITON=0` keeps the torch tiles. The kernel is
+guarded: its first run for each kind of input in a process is checked against the torch tiles, and where it fails or
+disagrees the tiles run instead (see [`token_statistics`]); `last_divergence_path()` says which path ran last.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -137,21 +140,141 @@ class _TileFold:
         }
 
 
+_KERNEL_DEVICES = ("cuda",)
+"""Device types on which `token_statistics` runs the fused kernel by default (`use_triton=None`)."""
+
+# How far the kernel may differ from the torch tiles, per statistic: |kernel - tiles| <= tolerance * (1 + |tiles|)
+# (absolute below 1, relative above: log-probs and the reverse KL grow with the logits). Both paths read the same
+# inputs, form the same products (exact in fp32 for bf16/fp16 operands, one rounding for fp32 ones) and accumulate them
+# in fp32, in different orders: over the hidden size in each logit, over the vocabulary in each sum. Their difference
+# is rounding of order u * sqrt(H) * |z| per logit (u = 2^-24), carried into the statistics with factors of order 1.
+# Measured under Triton's interpreter (N 64, V 2000, H 64-896, logit spreads 1-30, logits up to 135), in those units:
+# at most 7.1e-6 with fp32 inputs (4.6e-5 absolute in the log-probs, 4.1e-4 in a reverse KL of order 100) and 4.2e-6
+# with bf16 inputs (3.1e-5 and 2.1e-4), of the size of either path's own error against float64. At LLM sizes (H 8192,
+# V 152k) longer sums grow it by roughly sqrt(size ratio), ~10-30x: 1e-3 keeps a margin, and what a broken kernel
+# gives (a lost vocabulary split, a wrong block, NaN) is far beyond it. A d_t error below 1e-3 moves a token's weight
+# by under 1% at tau >= 0.1.
+# With TF32 allowed for fp32 operands, both paths round the inputs to 10 mantissa bits, possibly in different ways
+# (Triton rounds to nearest; cuBLAS does not promise how): up to 2^-10 per product, ~1e-3 * |z| per logit, a few
+# hundredths at LLM logits. Not measurable here (the interpreter does not emulate TF32).
+_KERNEL_TOLERANCE = 1e-3
+_KERNEL_TOLERANCE_TF32 = 3e-2
+
+
+class KernelCheck(NamedTuple):
+    """How the fused kernel's first run for one kind of input compared with the torch tiles on the first token chunk.
+
+    `passed` is False after a compile or launch `error` or a disagreement beyond `tolerance`. `field` is the statistic
+    that differed most (relative to 1 + |value|) and `difference` its largest absolute difference from the tiles.
+    """
+
+    passed: bool
+    field: str | None = None
+    difference: float | None = None
+    tolerance: float | None = None
+    error: str | None = None
+
+
+_KERNEL_CHECKS: dict[tuple, KernelCheck] = {}
+"""The guard's per-process state: one check per key (see `_kernel_key`); a failed key runs the torch tiles."""
+
+_last_path: str | None = None
+
+
+def last_divergence_path() -> str | None:
+    """Which implementation computed the most recent [`token_statistics`] call in this process: `"fused"` (the Triton
+    kernel) or `"tiles"` (the torch tiles, also after the kernel failed or disagreed); `None` before any call."""
+    return _last_path
+
+
 def _use_fused_kernel(policy_hidden: torch.Tensor, use_triton: bool | None) -> bool:
     """Whether `token_statistics` dispatches to the fused Triton kernel (see its `use_triton` argument)."""
-    if use_triton is False or (use_triton is None and not policy_hidden.is_cuda):
-        return False  # without importing Triton (~85 MB) where it cannot run by default
+    if use_triton is None:
+        if policy_hidden.device.type not in _KERNEL_DEVICES or os.environ.get("DGPO_TRITON", "1") == "0":
+            return False  # without importing Triton (~85 MB) where it does not run by default
+    elif not use_triton:
+        return False
     from .kernels import divergence
 
     runnable = divergence.triton_available() and (policy_hidden.is_cuda or divergence.INTERPRETER)
-    if use_triton:
-        if not runnable:
-            raise ValueError(
-                "use_triton=True needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
-                f"triton installed: {divergence.triton_available()}, device: {policy_hidden.device}."
-            )
-        return True
-    return runnable and policy_hidden.is_cuda and os.environ.get("DGPO_TRITON", "1") != "0"
+    if use_triton and not runnable:
+        raise ValueError(
+            "use_triton=True needs Triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+            f"triton installed: {divergence.triton_available()}, device: {policy_hidden.device}."
+        )
+    return runnable
+
+
+def _kernel_key(inputs: dict) -> tuple:
+    """What the guard checks once: what selects a compiled variant of the kernel and its tiles (the device, the
+    operands' dtypes, a bias, labels, a softcap, TF32) and the model pair's shapes (hidden sizes, vocabulary). The
+    number of tokens is left out: it changes every call, and checking each would add a tile pass per step."""
+    operands = ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight", "labels", "policy_bias", "ref_bias")
+    return (
+        str(inputs["policy_hidden"].device),
+        *(None if inputs[name] is None else inputs[name].dtype for name in operands),
+        inputs["policy_hidden"].shape[1],
+        inputs["ref_hidden"].shape[1],
+        inputs["policy_weight"].shape[0],
+        inputs["final_logit_softcapping"] is not None,
+        torch.get_float32_matmul_precision(),
+    )
+
+
+def _compare_with_tiles(fused: TokenStatistics, tiles: TokenStatistics) -> tuple[str, float, float]:
+    """The statistic where the kernel differs most from the tiles relative to 1 + |value|, its largest absolute
+    difference, and that relative difference (inf where only one side is NaN or infinite)."""
+    worst = (TokenStatistics._fields[0], 0.0, 0.0)
+    for field, f, t in zip(TokenStatistics._fields, fused, tiles):
+        same = (f == t) | (f.isnan() & t.isnan())
+        gap = torch.where(same, 0.0, (f - t).abs().nan_to_num(nan=math.inf))
+        relative = gap / (1.0 + torch.where(torch.isfinite(t), t.abs(), 0.0))
+        if relative.numel() and relative.max().item() > worst[2]:
+            worst = (field, gap.max().item(), relative.max().item())
+    return worst
+
+
+def _guarded_kernel(inputs: dict, **tiling) -> TokenStatistics | None:
+    """The fused kernel's statistics, checked against the torch tiles on the first token chunk the first time `inputs`'
+    key runs; None (the caller runs the tiles) for a key whose kernel failed or disagreed."""
+    from .kernels import divergence
+
+    key = _kernel_key(inputs)
+    if key in _KERNEL_CHECKS:
+        return TokenStatistics(*divergence.fused_token_statistics(**inputs)) if _KERNEL_CHECKS[key].passed else None
+    dtypes = {inputs[name].dtype for name in ("policy_hidden", "policy_weight", "ref_hidden", "ref_weight")}
+    fallback = (
+        f"using the torch tiles from now on for these inputs ({inputs['policy_hidden'].device}, "
+        f"{'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}; DGPO_TRITON=0 skips the kernel)"
+    )
+    try:
+        fused = TokenStatistics(*divergence.fused_token_statistics(**inputs))
+    except torch.OutOfMemoryError:
+        raise  # not the kernel's fault, and the tiles need more memory
+    except Exception as error:  # noqa: BLE001 - a compile or launch error, whatever Triton or the driver raise
+        _KERNEL_CHECKS[key] = KernelCheck(passed=False, error=f"{type(error).__name__}: {error}")
+        message = f"The fused Triton kernel of DGPO's divergence pass failed ({type(error).__name__}: {error})"
+        warnings.warn(f"{message}; {fallback}.", RuntimeWarning, stacklevel=3)
+        return None
+    rows = min(tiling["token_chunk_size"], fused.entropy.shape[0])
+    if rows == 0:
+        return fused  # nothing launched, nothing to compare: a later call checks
+    first = {"policy_hidden": inputs["policy_hidden"][:rows], "ref_hidden": inputs["ref_hidden"][:rows]}
+    if inputs["labels"] is not None:
+        first["labels"] = inputs["labels"][:rows]
+    tiles = _tiled_token_statistics(**(inputs | first), **tiling)
+    field, difference, relative = _compare_with_tiles(TokenStatistics(*(x[:rows] for x in fused)), tiles)
+    tf32 = torch.float32 in dtypes and torch.get_float32_matmul_precision() != "highest"
+    tolerance = _KERNEL_TOLERANCE_TF32 if tf32 else _KERNEL_TOLERANCE
+    _KERNEL_CHECKS[key] = KernelCheck(relative <= tolerance, field, difference, tolerance)
+    if relative <= tolerance:
+        return fused
+    message = (
+        f"The fused Triton kernel of DGPO's divergence pass disagrees with the torch tiles: {field} differs by up to "
+        f"{difference:.3g} (tolerance {tolerance:g} x (1 + |value|))"
+    )
+    warnings.warn(f"{message}; {fallback}.", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def token_statistics(
@@ -185,6 +308,12 @@ def token_statistics(
             CUDA tensors when Triton is installed and `DGPO_TRITON` is not `0`, and the torch tiles otherwise; `False`
             always runs the torch tiles; `True` requires the kernel. The kernel never materialises a logit tile, so
             `chunk_size` and `token_chunk_size` do not apply to it; its extra memory is bounded by its own constants.
+            The default dispatch guards the kernel: the first time it runs in this process for a device, dtypes and
+            model shapes (hidden sizes, vocabulary, bias, labels, softcap), the first `token_chunk_size` tokens are
+            also computed with the torch tiles; on a compile or launch error, or a difference beyond a rounding
+            tolerance, it warns once and runs the tiles for those inputs from then on. `True` is not guarded: the
+            kernel's own result and errors reach the caller (benchmarks and parity tests measure the kernel itself).
+            [`last_divergence_path`] tells which path ran.
 
     Returns:
         [`TokenStatistics`], each field (N,) float32. Memory beyond the outputs is O(token_chunk_size * chunk_size),
@@ -198,30 +327,50 @@ def token_statistics(
         )
     if chunk_size < 1 or token_chunk_size < 1:
         raise ValueError(f"chunk_size and token_chunk_size must be >= 1, got {chunk_size} and {token_chunk_size}.")
-    if _use_fused_kernel(policy_hidden, use_triton):
-        from .kernels import fused_token_statistics
-
-        fused = fused_token_statistics(
-            policy_hidden,
-            policy_weight,
-            ref_hidden,
-            ref_weight,
-            labels,
-            policy_bias=policy_bias,
-            ref_bias=ref_bias,
-            temperature=temperature,
-            logit_scale=logit_scale,
-            final_logit_softcapping=final_logit_softcapping,
-        )
-        return TokenStatistics(*fused)
-    n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
-    device = policy_hidden.device
-    out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
-    transform = {
+    inputs = {
+        "policy_hidden": policy_hidden,
+        "policy_weight": policy_weight,
+        "ref_hidden": ref_hidden,
+        "ref_weight": ref_weight,
+        "labels": labels,
+        "policy_bias": policy_bias,
+        "ref_bias": ref_bias,
         "temperature": temperature,
         "logit_scale": logit_scale,
         "final_logit_softcapping": final_logit_softcapping,
     }
+    tiling = {"chunk_size": chunk_size, "token_chunk_size": token_chunk_size}
+    stats = None
+    if _use_fused_kernel(policy_hidden, use_triton):
+        if use_triton:
+            from .kernels import divergence
+
+            stats = TokenStatistics(*divergence.fused_token_statistics(**inputs))
+        else:
+            stats = _guarded_kernel(inputs, **tiling)
+    global _last_path
+    _last_path = "tiles" if stats is None else "fused"
+    return _tiled_token_statistics(**inputs, **tiling) if stats is None else stats
+
+
+def _tiled_token_statistics(
+    policy_hidden,
+    policy_weight,
+    ref_hidden,
+    ref_weight,
+    labels,
+    *,
+    policy_bias,
+    ref_bias,
+    chunk_size,
+    token_chunk_size,
+    **transform,
+) -> TokenStatistics:
+    """The torch tiles of [`token_statistics`] (arguments checked there); `transform`: temperature, logit_scale,
+    final_logit_softcapping."""
+    n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
+    device = policy_hidden.device
+    out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
     # Four tile buffers, reused for every tile: the two models' logits and their exponentials
     buffers = torch.empty(4, min(token_chunk_size, n_tokens), min(chunk_size, vocab), device=device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):

@@ -67,6 +67,10 @@ def test_dry_run_values_are_sane(dry_run):
         assert row["within_tolerance"] and row["max_abs_err"] < 1e-4, row
         assert 0.0 < row["mean_hellinger"] < 1.0 and row["mean_entropy"] > 0.0
     assert parity["compile_sm90"]["status"] in ("passed", "skipped", "unavailable"), parity["compile_sm90"]
+    # The kernel guard's check ran on both dtypes; on CPU the default dispatch runs the torch tiles and checks nothing
+    assert [row["dtype"] for row in parity["kernel_guard"]] == ["float32", "bfloat16"]
+    for row in parity["kernel_guard"]:
+        assert row["paths"] == ["tiles", "tiles"] and row["checks"] == 0 and row["warnings"] == [], row
 
     divergence = sections["divergence"]
     timed = [row for row in divergence["rows"] if "time_ms" in row]
