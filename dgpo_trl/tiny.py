@@ -1,4 +1,4 @@
-"""Tiny offline models and a string-reversal task: what the demo, the notebook and the tests train.
+"""Tiny offline models and their tokenizer: what the demo, the notebook, the tests and the benchmarks train.
 
 Nothing here downloads: the tokenizer is a character-level vocabulary built with `tokenizers`, the model a
 random-init `LlamaForCausalLM` (a Llama config, because `AutoTokenizer` would swap a Qwen2 model's tokenizer for a
@@ -128,25 +128,6 @@ def build_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
-
-
-def reversal_example(rng: random.Random, min_digits: int = 3, max_digits: int = 6) -> dict:
-    """`{"prompt": "r12345>", "answer": "54321"}`: reverse a digit string."""
-    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(min_digits, max_digits)))
-    return {"prompt": f"r{digits}>", "answer": digits[::-1]}
-
-
-def reversal_dataset(n: int, seed: int = 0, min_digits: int = 3, max_digits: int = 6):
-    """A `datasets.Dataset` of `n` string-reversal prompts (standard, non-conversational format)."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    return Dataset.from_list([reversal_example(rng, min_digits, max_digits) for _ in range(n)])
-
-
-def exact_match_reward(completions, answer, **kwargs) -> list[float]:
-    """1.0 when the completion (before EOS) equals the answer, else 0.0. A TRL reward function."""
-    return [1.0 if completion.strip() == target else 0.0 for completion, target in zip(completions, answer)]
 
 
 def supervised_warmup(

@@ -104,7 +104,7 @@ def train(label: str, model_path: str, output_dir: Path, args, dgpo_fields: dict
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     num_generations = 8
     config = DGPOConfig(
@@ -184,7 +184,8 @@ def main(argv=None) -> dict:
 
     from dgpo_trl.data import load_synthetic_dataset
     from dgpo_trl.evaluation import ExactMatchScorer, HFGenerator, evaluate
-    from dgpo_trl.tiny import build_tiny_model, reversal_dataset, supervised_warmup
+    from dgpo_trl.tasks import reversal_dataset
+    from dgpo_trl.tiny import build_tiny_model, supervised_warmup
     from dgpo_trl.visualize import completions_from_token_weights, heatmap_html, heatmap_png
 
     started = time.perf_counter()

@@ -32,7 +32,8 @@ import torch
 from conftest import cpu_args
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
-from dgpo_trl.tiny import ARCHITECTURES, build_tiny_model, reversal_dataset
+from dgpo_trl.tasks import reversal_dataset
+from dgpo_trl.tiny import ARCHITECTURES, build_tiny_model
 
 
 TEMPERATURE = 0.7

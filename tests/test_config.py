@@ -116,7 +116,7 @@ def test_a_plain_grpo_config_gets_dgpo_defaults_and_checks(tmp_path):
 
 def test_warning_from_a_plain_grpo_config_points_at_the_trainer_call(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     args = GRPOConfig(**cpu_args(tmp_path, beta=0.04))
     with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty") as record:

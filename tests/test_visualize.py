@@ -8,7 +8,8 @@ import torch
 from conftest import cpu_args
 from toolkit_fixtures import fake_trackio, length_reward  # noqa: F401 (fake_trackio is a fixture)
 
-from dgpo_trl.tiny import build_tokenizer, reversal_dataset
+from dgpo_trl.tasks import reversal_dataset
+from dgpo_trl.tiny import build_tokenizer
 from dgpo_trl.visualize import (
     HeatmapCompletion,
     TokenWeightHeatmapCallback,
