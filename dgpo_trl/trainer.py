@@ -536,6 +536,8 @@ class DGPOTrainer(GRPOTrainer):
         if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
             shown = rows[: self.num_completions_to_show]
             shown_weights = {
+                "prompt_ids": inputs["prompt_ids"][shown].cpu(),
+                "prompt_mask": inputs["prompt_mask"][shown].cpu(),
                 "completion_ids": inputs["completion_ids"][shown].cpu(),
                 "weights": weights[shown].cpu(),
                 "mask": mask[shown].cpu(),

@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
 
     from dgpo_trl.data import load_synthetic_dataset
     from dgpo_trl.evaluation import ExactMatchScorer, HFGenerator, evaluate
-    from dgpo_trl.tasks import reversal_dataset
+    from dgpo_trl.tasks import REVERSAL, reversal_dataset
     from dgpo_trl.tiny import build_tiny_model, supervised_warmup
     from dgpo_trl.visualize import completions_from_token_weights, heatmap_html, heatmap_png
 
@@ -236,7 +236,9 @@ def main(argv=None) -> dict:
     dgpo = trainers["DGPO"]
     heatmap_files = []
     if dgpo.last_token_weights is not None and len(dgpo.last_token_weights["weights"]):
-        completions = completions_from_token_weights(dgpo.last_token_weights, dgpo.processing_class, max_completions=6)
+        completions = completions_from_token_weights(
+            dgpo.last_token_weights, dgpo.processing_class, max_completions=6, expected_answer=REVERSAL.expected_answer
+        )
         title = f"DGPO token weights, last batch (step {dgpo.state.global_step}, tau {args.dgpo_tau})"
         (out / "token_weights.html").write_text(heatmap_html(completions, title=title), encoding="utf-8")
         heatmap_png(completions, out / "token_weights.png", title=title)
