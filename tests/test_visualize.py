@@ -263,7 +263,9 @@ def prompt_rows(page: str) -> list[tuple[str | None, str | None, str | None]]:
     return rows
 
 
-LONG_PROMPT = "system\nYou are a careful mathematician.\nuser\n" + "Let x be a real number. " * 200 + "Find x.\nassistant\n"
+LONG_PROMPT = (
+    "system\nYou are a careful mathematician.\nuser\n" + "Let x be a real number. " * 200 + "Find x.\nassistant\n"
+)
 
 
 def test_prompts_and_expected_answers_are_drawn_above_their_completions(tmp_path):
