@@ -293,7 +293,8 @@ def main():
     device = torch.device(args.device)
     spec = SHAPES[args.shape]
     if args.prompt_length is None:
-        from dgpo_trl.tiny import build_tokenizer, reversal_dataset
+        from dgpo_trl.tasks import reversal_dataset
+        from dgpo_trl.tiny import build_tokenizer
 
         tokenizer = build_tokenizer()
         args.prompt_length = round(statistics.fmean(

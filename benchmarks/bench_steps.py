@@ -248,7 +248,7 @@ def measure(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     wall_start = time.perf_counter()
     load_start = os.getloadavg()

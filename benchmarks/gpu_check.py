@@ -390,7 +390,7 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
 
     from bench_steps import ControlledReward
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     captured = {}
 

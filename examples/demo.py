@@ -104,7 +104,7 @@ def train(label: str, model_path: str, output_dir: Path, args, dgpo_fields: dict
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     num_generations = 8
     config = DGPOConfig(
@@ -184,7 +184,8 @@ def main(argv=None) -> dict:
 
     from dgpo_trl.data import load_synthetic_dataset
     from dgpo_trl.evaluation import ExactMatchScorer, HFGenerator, evaluate
-    from dgpo_trl.tiny import build_tiny_model, reversal_dataset, supervised_warmup
+    from dgpo_trl.tasks import REVERSAL, reversal_dataset
+    from dgpo_trl.tiny import build_tiny_model, supervised_warmup
     from dgpo_trl.visualize import completions_from_token_weights, heatmap_html, heatmap_png
 
     started = time.perf_counter()
@@ -235,7 +236,9 @@ def main(argv=None) -> dict:
     dgpo = trainers["DGPO"]
     heatmap_files = []
     if dgpo.last_token_weights is not None and len(dgpo.last_token_weights["weights"]):
-        completions = completions_from_token_weights(dgpo.last_token_weights, dgpo.processing_class, max_completions=6)
+        completions = completions_from_token_weights(
+            dgpo.last_token_weights, dgpo.processing_class, max_completions=6, expected_answer=REVERSAL.expected_answer
+        )
         title = f"DGPO token weights, last batch (step {dgpo.state.global_step}, tau {args.dgpo_tau})"
         (out / "token_weights.html").write_text(heatmap_html(completions, title=title), encoding="utf-8")
         heatmap_png(completions, out / "token_weights.png", title=title)

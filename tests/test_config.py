@@ -116,7 +116,7 @@ def test_a_plain_grpo_config_gets_dgpo_defaults_and_checks(tmp_path):
 
 def test_warning_from_a_plain_grpo_config_points_at_the_trainer_call(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     args = GRPOConfig(**cpu_args(tmp_path, beta=0.04))
     with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty") as record:
@@ -178,7 +178,7 @@ def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(tiny_m
     import logging
 
     from dgpo_trl import DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward
+    from dgpo_trl.tasks import exact_match_reward
 
     with pytest.raises(ValueError) as refused:
         DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="grpo"))

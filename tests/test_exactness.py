@@ -20,7 +20,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_head import compact_lm_head
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
-from dgpo_trl.tiny import build_tiny_model, build_tokenizer, reversal_dataset
+from dgpo_trl.tasks import reversal_dataset
+from dgpo_trl.tiny import build_tiny_model, build_tokenizer
 
 
 REGIMES = {

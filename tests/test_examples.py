@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,13 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert "| DGPO" in result.stdout and "| GRPO" in result.stdout
     assert "One seed is not a comparison" in result.stdout and "docs/results.md" in result.stdout
     assert f"Reward curves:  {(output_dir / 'reward_curves.png').resolve()}" in result.stdout
+    # The heatmap shows each completion under its string to reverse and the expected answer
+    page = (output_dir / "token_weights.html").read_text()
+    rows = re.findall(r'prompt <span class="dgpo-text" title="r(\d+)&gt;">r\1&gt;</span> · expected '
+                      r'<span class="dgpo-text">(\d+)</span>', page)
+    assert len(rows) == page.count('class="dgpo-completion"') > 0
+    assert all(expected == digits[::-1] for digits, expected in rows)
+    assert (output_dir / "token_weights.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_demo_says_how_large_a_difference_one_seed_can_show():

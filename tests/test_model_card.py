@@ -7,7 +7,7 @@ from conftest import cpu_args
 from trl import GRPOConfig
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.tasks import exact_match_reward
 
 
 DGPO_TITLE = "DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment"

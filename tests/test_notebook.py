@@ -53,6 +53,8 @@ def test_notebook_executes_end_to_end(tmp_path, monkeypatch):
     assert "trainable params" in text  # the LoRA adapter is what trains
     assert "mean reward, first 10 steps" in text
     assert 'class="dgpo-token"' in html  # the token-weight heatmap was displayed
+    assert 'class="dgpo-prompt">prompt <span class="dgpo-text" title="r' in html  # under its prompts
+    assert '· expected <span class="dgpo-text">' in html  # and the answers they expect
     assert "| problems | Avg@8 | Cons@8 | Pass@8 |" in text
     assert (tmp_path / "outputs" / "notebook" / "token_weights.html").exists()
     assert (tmp_path / "outputs" / "notebook" / "lora-dgpo-merged" / "model.safetensors").exists()

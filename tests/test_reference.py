@@ -16,7 +16,7 @@ from toolkit_fixtures import length_reward
 from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.forwards import backbone_forward, causal_lm
 from dgpo_trl.reference import REFERENCE_ADAPTER
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.tasks import exact_match_reward
 
 
 ROOT = Path(__file__).resolve().parents[1]

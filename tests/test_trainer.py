@@ -12,7 +12,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from dgpo_trl import DGPOConfig, DGPOTrainer, token_statistics_reference, token_weights
 from dgpo_trl.functional import TokenStatistics
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.tasks import exact_match_reward
 
 
 def prompts(rows):

@@ -15,7 +15,7 @@ import trl
 from conftest import cpu_args
 from trl import GRPOConfig, GRPOTrainer
 
-from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
 
 def require(condition, assumption: str) -> None:

@@ -78,7 +78,7 @@ class FakeVLLMGeneration:
 
 def _make_trainer(model_path, tmp_path, *, beta, mode, max_steps=2):
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     args = DGPOConfig(
         output_dir=str(tmp_path / "out"),
@@ -174,7 +174,7 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
 
     trainer._apply_token_weights = recording_apply
 
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     rows = PER_DEVICE * STEPS_PER_GENERATION
     batch = [row for row in reversal_dataset(rows // NUM_GENERATIONS, seed=1) for _ in range(NUM_GENERATIONS)]

@@ -450,7 +450,7 @@ def main():
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     dataset = reversal_dataset(256, seed=0)
     for name in cli.runs.split(","):
