@@ -13,11 +13,13 @@ import torch
 from .functional import effective_sample_size, nonfinite_sequences, sequence_moments
 
 
-def dgpo_metrics(stats, divergence, scores, weights, mask, tau, batch_rows, *, vocab_size, accelerator) -> dict:
+def dgpo_metrics(stats, divergence, scores, weights, mask, tau, batch_rows, *, vocab_size, accelerator, fused) -> dict:
     """DGPO's statistics over the scored tokens, reduced across processes: {metric name: value}.
 
     `stats` (with `.entropy`, `.reverse_kl`), `divergence`, `scores` and `weights` are (rows, T) for the scored
-    completions, `mask` their valid tokens, `batch_rows` the number of completions in the batch (scored or not).
+    completions, `mask` their valid tokens, `batch_rows` the number of completions in the batch (scored or not),
+    `fused` whether the divergence pass ran the fused Triton kernel (`dgpo/kernel`: the fraction of processes whose
+    pass did; a process whose kernel failed its first-call check runs the torch tiles).
     Means are over scored tokens (`/mean`) or sequences (`ess`). Spreads are within-sequence, from deviations in
     float64 (`sequence_moments`): `weight/std` is the pooled std of w around each sequence's mean of exactly 1,
     `score/std` that of s, the spread the softmax turns into weights (relative to tau).
@@ -56,6 +58,7 @@ def dgpo_metrics(stats, divergence, scores, weights, mask, tau, batch_rows, *, v
             count(len(mask)),
             count(batch_rows),
             count(tau),
+            count(fused),
         ]
     )
     sums = accelerator.reduce(sums, reduction="sum")
@@ -64,12 +67,13 @@ def dgpo_metrics(stats, divergence, scores, weights, mask, tau, batch_rows, *, v
     maxima = accelerator.gather(maxima).amax(0)
     (
         d, h_normalized, h, s, kl, n_valid, weight_ss, n_weighted, score_ss, ess, n_seqs, n_nonfinite, n_scored,
-        n_rows, tau_sum,
+        n_rows, tau_sum, n_fused,
     ) = sums.tolist()  # fmt: skip
     metrics = {
         "dgpo/nonfinite_sequences": n_nonfinite,
         "dgpo/scored_fraction": n_scored / max(n_rows, 1.0),
         "dgpo/tau": tau_sum / accelerator.num_processes,
+        "dgpo/kernel": n_fused / accelerator.num_processes,
     }
     if n_valid == 0:
         return metrics

@@ -20,7 +20,7 @@ from trl.trainer.utils import get_config_model_id
 from .checks import check_dataset
 from .config import DGPOArguments, DGPOConfig, validate_dgpo_arguments
 from .forwards import backbone_forward, captured_hidden_states, causal_lm, eval_mode, fused_forward, training_noise
-from .functional import SCORES, nonfinite_sequences, tau_for_target_ess, token_scores, weights_from_scores, wide_dtype
+from .functional import SCORES, last_divergence_path, nonfinite_sequences, tau_for_target_ess, token_scores, weights_from_scores, wide_dtype
 from .metrics import dgpo_metrics
 from .reference import FrozenReference, ReferenceKernels, check_reference_adapter, frozen_copy
 from .scoring import StatisticsPass, divergence_pass, logit_transform
@@ -460,7 +460,7 @@ class DGPOTrainer(GRPOTrainer):
                 self.last_eval_token_weights = shown_weights
         metrics = dgpo_metrics(
             stats, divergence, scores, scored_weights, scored_mask, tau, len(advantages),
-            vocab_size=self._vocab_size, accelerator=self.accelerator,
+            vocab_size=self._vocab_size, accelerator=self.accelerator, fused=last_divergence_path() == "fused",
         )  # fmt: skip
         mode = "train" if self.model.training else "eval"
         for name, value in metrics.items():

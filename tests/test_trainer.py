@@ -732,3 +732,15 @@ def test_a_streaming_dataset_without_a_prompt_column_is_refused(tiny_model_path,
     with pytest.raises(ValueError, match="train_dataset has no 'prompt' column.*\\['question'\\]"):
         DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, max_steps=1)),
                     train_dataset=dataset)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["tiles", "fused"])
+def test_kernel_guard_path_is_logged(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch, path):
+    """`dgpo/kernel` says which divergence pass ran: 0 for the torch tiles (CPU, or after the fused kernel failed its
+    first-call check), 1 for the fused Triton kernel (its dispatch itself is tested in test_kernels.py)."""
+    import dgpo_trl.trainer as trainer_module
+
+    if path == "fused":
+        monkeypatch.setattr(trainer_module, "last_divergence_path", lambda: "fused")
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=2)
+    assert history(trainer, "dgpo/kernel") == [1.0 if path == "fused" else 0.0] * 2
