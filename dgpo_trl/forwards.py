@@ -130,3 +130,13 @@ def training_noise(model: torch.nn.Module) -> list[str]:
             ):
                 found.append(f"config {key}={value:g}")
     return found
+
+
+def training_noise_warning(noise: list[str]) -> str:
+    """What DGPO tells a user whose policy has `training_noise`."""
+    return (
+        f"The policy's train-mode forward is not deterministic ({'; '.join(noise)}). TRL trains with it as "
+        "configured; DGPO computes d_t and H_t from an extra dropout-free forward of the policy (no grad) per scored "
+        "completion, so that dropout noise does not enter the token weights. Set those values to 0 (e.g. "
+        "lora_dropout=0, disable_dropout=True, the config's attention_dropout=0) to save that forward."
+    )

@@ -33,8 +33,9 @@ from typing import NamedTuple
 import torch
 
 
-SCORES = ("hellinger", "reverse_kl", "uniform")
-"""Token scores DGPO can redistribute the advantage with. `"uniform"` gives w = 1 (GRPO without KL)."""
+DIVERGENCES = ("hellinger", "reverse_kl")
+"""The token divergences d_t DGPO can score tokens by: the squared Hellinger distance (the paper's) or the reverse KL
+(its ablation)."""
 
 ENTROPY_GATES = ("normalized", "nats")
 """Units of the entropy in the gate: `"normalized"` H / log|V| in [0, 1] (the paper's Eq. 12 and Sections 3.3, 4.4),
@@ -61,13 +62,13 @@ class TokenStatistics(NamedTuple):
     reverse_kl: torch.Tensor
     entropy: torch.Tensor
 
-    def divergence(self, score: str) -> torch.Tensor:
-        """The divergence `d_t` used by `score` (`"hellinger"` or `"reverse_kl"`)."""
-        if score == "hellinger":
+    def divergence(self, name: str) -> torch.Tensor:
+        """The divergence `d_t` called `name`, one of `DIVERGENCES`."""
+        if name == "hellinger":
             return self.hellinger
-        if score == "reverse_kl":
+        if name == "reverse_kl":
             return self.reverse_kl
-        raise ValueError(f"score must be 'hellinger' or 'reverse_kl' to select a divergence, got {score!r}.")
+        raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {name!r}.")
 
 
 def _logits(out, hidden, weight, bias, start, end, logit_scale, final_logit_softcapping, temperature):
@@ -452,7 +453,7 @@ def token_divergence_and_entropy(
     policy_bias: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    score: str = "hellinger",
+    divergence: str = "hellinger",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     logit_scale: float = 1.0,
     final_logit_softcapping: float | None = None,
@@ -460,8 +461,8 @@ def token_divergence_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token divergence d_t between pi_theta and pi_ref, and the entropy of pi_theta (nats).
 
-    `score="hellinger"` gives the squared Hellinger distance 1 - sum_a sqrt(pi_theta(a) pi_ref(a)) in [0, 1];
-    `score="reverse_kl"` gives KL(pi_theta || pi_ref) (the paper's ablation). Both over the full vocabulary, computed
+    `divergence="hellinger"` gives the squared Hellinger distance 1 - sum_a sqrt(pi_theta(a) pi_ref(a)) in [0, 1];
+    `divergence="reverse_kl"` gives KL(pi_theta || pi_ref) (the paper's ablation). Both over the full vocabulary, computed
     in tiles (see [`token_statistics`]). Returns `(divergence, entropy)`, each (N,) float32.
     """
     stats = token_statistics(
@@ -477,7 +478,7 @@ def token_divergence_and_entropy(
         chunk_size=chunk_size,
         token_chunk_size=token_chunk_size,
     )
-    return stats.divergence(score), stats.entropy
+    return stats.divergence(divergence), stats.entropy
 
 
 def token_scores(

@@ -19,6 +19,7 @@ in eval mode (a frozen reference has no dropout), without grad.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
@@ -84,6 +85,18 @@ class FrozenReference:
         add_reference_adapter(policy)
         return cls(policy, root, adapter=REFERENCE_ADAPTER)
 
+    @classmethod
+    def for_policy(cls, policy, root, *, copied, pretrained_adapter: bool, accelerator, args, temperature: float,
+                   quantization_config=None) -> FrozenReference:
+        """The form that follows from what the user passed: a PEFT policy is its own reference (a pretrained adapter
+        passed in a `PeftModel` gets a frozen copy of it); a full model passed as an object has its `copied` copy;
+        a full model passed as a path is loaded from that path."""
+        if isinstance(policy, PeftModel):
+            return cls.adapter_copy(policy, root) if pretrained_adapter else cls.adapter_disabled(policy, root)
+        if copied is not None:
+            return cls.copy_of(copied, accelerator, args, temperature)
+        return cls.load(policy, accelerator, args, temperature, quantization_config)
+
     # -- what the trainer asks -----------------------------------------------------------------------------------
 
     @property
@@ -99,6 +112,21 @@ class FrozenReference:
     def excluded_adapters(self) -> tuple[str, ...]:
         """The adapters that belong to DGPO, not to the user: saves leave them out."""
         return (REFERENCE_ADAPTER,) if self._adapter == REFERENCE_ADAPTER else ()
+
+    @contextmanager
+    def saved_without_it(self):
+        """Inside the block, `save_pretrained` of the policy writes the trained adapters only: DGPO's frozen reference
+        adapter is not something the user trains."""
+        policy = self.model
+        if not self.excluded_adapters or not set(self.excluded_adapters) & set(policy.peft_config):
+            yield
+            return
+        adapters = [name for name in policy.peft_config if name not in self.excluded_adapters]
+        policy.save_pretrained = functools.partial(policy.save_pretrained, selected_adapters=adapters)
+        try:
+            yield
+        finally:
+            del policy.save_pretrained
 
     def hidden_states(self, model_inputs: dict) -> torch.Tensor:
         """The reference's last hidden states (B, L, H) for TRL-built model inputs; no LM-head projection."""

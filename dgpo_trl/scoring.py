@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .functional import token_statistics
+from .functional import DIVERGENCES, token_statistics
 
 
 # Model inputs that hold one row per completion, so a subset of completions is a subset of their rows
@@ -37,8 +37,8 @@ class CompletionStatistics(NamedTuple):
 
     def divergence(self, name: str) -> torch.Tensor:
         """The divergence d_t called `name` (`"hellinger"` or `"reverse_kl"`)."""
-        if name not in ("hellinger", "reverse_kl"):
-            raise ValueError(f"divergence must be 'hellinger' or 'reverse_kl', got {name!r}.")
+        if name not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {name!r}.")
         return getattr(self, name)
 
 
@@ -126,6 +126,16 @@ class StatisticsPass:
             empty = torch.zeros(0, logits_to_keep, device=device)
             return CompletionStatistics(*(empty for _ in CompletionStatistics._fields))
         return CompletionStatistics(*(torch.cat(field, dim=0)[:, -logits_to_keep:] for field in zip(*self.chunks)))
+
+
+def select_rows(wanted: torch.Tensor, subset_allowed: bool, collective: bool) -> torch.Tensor:
+    """Indices of the rows to run DGPO's forwards on: the `wanted` ones, or all of them where the model inputs cannot
+    be split by row (multimodal inputs). Where a forward is a collective (ZeRO-3, FSDP: `collective`), a rank with
+    nothing to score still runs one, on row 0 (discarded), so that every rank runs as many."""
+    if not subset_allowed:
+        return torch.arange(len(wanted), device=wanted.device)
+    rows = wanted.nonzero().squeeze(-1)
+    return rows if len(rows) or not collective else rows.new_zeros(1)
 
 
 def _full(param: torch.Tensor | None) -> torch.Tensor | None:

@@ -513,7 +513,7 @@ class TokenWeightHeatmapCallback(TrainerCallback):
     """Writes token-weight heatmaps of a few completions at every logging step of a `DGPOTrainer`.
 
     Files: `<output_dir>/token_weights/step_<global_step>.html` (and `.png` when `"png"` is in `formats`), from the
-    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_score="uniform"`, gets none). After each
+    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_uniform_weights=True`, gets none). After each
     evaluation, the evaluation batch's weights (`last_eval_token_weights`) go to their own files,
     `eval_step_<global_step>.html` (`eval_<name>_step_...` for each of several named eval datasets), titled as an
     evaluation: they never replace the training heatmap of the same step.

@@ -4,7 +4,7 @@
 1. builds a tiny random Llama and a character tokenizer (nothing is downloaded),
 2. warms it up with a short supervised fine-tune on string reversal (`r12345>` -> `54321`), so that some sampled
    completions are right and RL has a signal,
-3. trains it from that same start with DGPO and with GRPO (DGPOTrainer with `dgpo_score="uniform"`: every token
+3. trains it from that same start with DGPO and with GRPO (DGPOTrainer with `dgpo_uniform_weights=True`: every token
    weight 1, which is exactly TRL's GRPO without a KL term), same seed, data and budget,
 4. evaluates both on held-out problems with the paper's protocol (Avg@n, Cons@n, Pass@n at temperature 1.0,
    top-p 0.7),
@@ -202,8 +202,8 @@ def main(argv=None) -> dict:
 
     print(f"[2/4] RL on string reversal, {args.steps} steps x {args.prompts_per_step} prompts x 8 completions each:")
     methods = {
-        "DGPO": {"dgpo_score": "hellinger", "dgpo_tau": args.dgpo_tau, "dgpo_kappa": args.dgpo_kappa},
-        "GRPO": {"dgpo_score": "uniform"},  # w = 1 everywhere: TRL's GRPO without KL
+        "DGPO": {"dgpo_divergence": "hellinger", "dgpo_tau": args.dgpo_tau, "dgpo_kappa": args.dgpo_kappa},
+        "GRPO": {"dgpo_uniform_weights": True},  # w = 1 everywhere: TRL's GRPO without KL
     }
     trainers, train_seconds = {}, {}
     for label, fields in methods.items():

@@ -315,8 +315,8 @@ def test_vision_language_model_matches_float64_recomputation(vlm_path, tmp_path,
     labels = output["completion_ids"].unsqueeze(-1)
     label_logps = {"policy": log_p.gather(-1, labels).squeeze(-1), "ref": log_q.gather(-1, labels).squeeze(-1)}
     close(stats.policy_logps[valid], label_logps["policy"][rows][valid], "policy log-probs", atol=LOGP_ATOL, rtol=0)
-    close(stats.ref_logps[valid], label_logps["ref"][rows][valid], "reference log-probs", atol=LOGP_ATOL, rtol=0)
-    if path_name == "scoring_time":
+    if path_name == "scoring_time":  # beta > 0: TRL's KL term gets the reference's log-probs from DGPO's forward
+        close(stats.ref_logps[valid], label_logps["ref"][rows][valid], "reference log-probs", atol=LOGP_ATOL, rtol=0)
         for key, model in (("old_per_token_logps", "policy"), ("ref_per_token_logps", "ref")):
             close(output[key][mask], label_logps[model][mask], key, atol=LOGP_ATOL, rtol=0)
     # The images matter: the same recomputation with the batch's image patches in reverse order misses by far more

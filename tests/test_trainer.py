@@ -108,7 +108,7 @@ def test_uniform_score_reproduces_grpo_without_kl(warm_model_path, reversal_trai
     kw = dict(max_steps=3)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
     dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d",
-                 dgpo_score="uniform", **kw)
+                 dgpo_uniform_weights=True, **kw)
     assert dgpo.ref_model is None  # no reference is loaded for the sanity switch
     for key in ("loss", "grad_norm", "reward"):
         assert history(dgpo, key) == history(grpo, key), key
@@ -237,7 +237,7 @@ def test_every_trl_loss_type_trains(warm_model_path, reversal_train_dataset, tmp
 
 def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_dataset, tmp_path):
     rkl = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "rkl",
-                dgpo_score="reverse_kl", max_steps=2)
+                dgpo_divergence="reverse_kl", max_steps=2)
     # the score is the exact reverse KL, which the Hellinger run logs only for monitoring
     assert history(rkl, "dgpo/divergence/mean")[1] == history(rkl, "dgpo/reverse_kl/mean")[1] > 0
     taus_by_gate = {}
@@ -623,7 +623,7 @@ def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_d
     [
         ("dgpo_tau", -3.0, r"dgpo_tau must be a finite number > 0, got -3.0\."),
         ("dgpo_kappa", float("nan"), r"dgpo_kappa must be a finite number >= 0, got nan\."),
-        ("dgpo_score", "uniform", r"dgpo_score cannot change between 'uniform' and \['hellinger', 'reverse_kl'\]"),
+        ("dgpo_uniform_weights", True, r"dgpo_uniform_weights cannot change after the trainer is built"),
     ],
 )
 def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, reversal_train_dataset, tmp_path,

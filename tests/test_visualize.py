@@ -428,7 +428,7 @@ def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path
 def test_callback_draws_nothing_without_token_weights(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
-    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, dgpo_score="uniform"))
+    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, dgpo_uniform_weights=True))
     trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(32))
     callback = TokenWeightHeatmapCallback(trainer)
     trainer.add_callback(callback)

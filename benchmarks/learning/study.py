@@ -117,7 +117,7 @@ class RunConfig:
     def describe(self) -> str:
         if self.trainer == "grpo":
             return f"GRPOTrainer, beta={self.beta}"
-        fields = {"dgpo_tau": 0.5, "dgpo_kappa": 1.0, "dgpo_score": "hellinger", "dgpo_entropy": "normalized",
+        fields = {"dgpo_tau": 0.5, "dgpo_kappa": 1.0, "dgpo_divergence": "hellinger", "dgpo_entropy": "normalized",
                   **self.dgpo}
         return "DGPOTrainer, " + ", ".join(f"{k.removeprefix('dgpo_')}={v}" for k, v in fields.items())
 
@@ -137,7 +137,7 @@ def all_configs() -> dict[str, RunConfig]:
         RunConfig("grpo_kl", "GRPO (beta=0.04)", trainer="grpo", beta=0.04),
         RunConfig("dgpo", "DGPO defaults (tau=0.5, kappa=1)"),
         RunConfig("dgpo_kappa0", "DGPO kappa=0 (no entropy gate)", dgpo={"dgpo_kappa": 0.0}),
-        RunConfig("dgpo_rkl", "DGPO reverse KL", dgpo={"dgpo_score": "reverse_kl"}),
+        RunConfig("dgpo_rkl", "DGPO reverse KL", dgpo={"dgpo_divergence": "reverse_kl"}),
     ]
     for tau in TAU_SWEEP:
         if tau != 0.5:  # tau = 0.5 is the "dgpo" run
