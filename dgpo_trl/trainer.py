@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import is_peft_model
 
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import get_config_model_id
@@ -31,8 +32,10 @@ from .functional import last_divergence_path
 from .metrics import dgpo_metrics
 from .reference import FrozenReference, ReferenceKernels, check_reference_adapter, frozen_copy
 from .scoring import StatisticsPass, divergence_pass, logit_transform, select_rows
+from .skipping import TrainedRows, full_batch_metrics, skipping_blockers, splittable, take_rows, trained_rows
 from .weighting import (
     TOKEN_WEIGHTS,
+    WEIGHTED_KEYS,
     WEIGHT_SCORES,
     entropy_mask_inputs,
     reallocated_weights,
@@ -42,6 +45,7 @@ from .weighting import (
 )
 
 
+logger = logging.get_logger(__name__)
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 
@@ -85,9 +89,12 @@ class _Scoring:
 
 @dataclass
 class _LossTime:
-    """While TRL computes a micro-batch's loss: the micro-batch."""
+    """While TRL computes a micro-batch's loss: the micro-batch, and the part of it TRL trains (`trained`, its `rows`;
+    all of it when `rows` is None, see `dgpo_trl.skipping`)."""
 
     inputs: dict
+    trained: dict
+    rows: torch.Tensor | None = None
 
 
 class DGPOTrainer(GRPOTrainer):
@@ -176,6 +183,10 @@ class DGPOTrainer(GRPOTrainer):
         self._logit_scale, self._softcap = logit_transform(policy.config)
         head = policy.get_output_embeddings()
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
+        self._skipping_blockers, self._told_unsplittable = skipping_blockers(self), False
+        if self._skipping_blockers and self.dgpo.skip_zero_advantage:
+            logger.warning(f"dgpo_skip_zero_advantage: every completion trains, zero-advantage ones included, because "
+                           f"of {'; '.join(self._skipping_blockers)}.")  # fmt: skip
         self._training_noise = training_noise(self._policy()) if weighted else []
         if self._training_noise:
             warnings.warn(training_noise_warning(self._training_noise), UserWarning, stacklevel=2)
@@ -226,7 +237,7 @@ class DGPOTrainer(GRPOTrainer):
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        phase = self._phase_state
+        phase = self._phase_state if self._weights_tokens else None
         if isinstance(phase, _Scoring) and self.reference.answers(model, self._unwrap):
             # TRL's reference forward (beta > 0): DGPO's own reference forward yields these log-probs, TRL's exactly,
             # and `_apply_token_weights` writes them before TRL's loss reads them (NaN until then, never read)
@@ -242,7 +253,7 @@ class DGPOTrainer(GRPOTrainer):
         if not isinstance(phase, _LossTime) or TOKEN_WEIGHTS in phase.inputs:
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         # The micro-batch's first training forward, pi_theta == pi_old: it provides the policy's side
-        inputs = phase.inputs
+        inputs = phase.trained
         deterministic = not (self._training_noise and self.model.training)
         with captured_hidden_states(self._policy()) if deterministic else nullcontext([]) as captured:
             result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
@@ -256,15 +267,39 @@ class DGPOTrainer(GRPOTrainer):
         if len(rows):
             super()._get_per_token_logps_and_entropies(statistics, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs)
         stats = statistics.completion_statistics(logits_to_keep, input_ids.device)
-        scored = wanted[rows]
-        self._apply_token_weights(inputs, type(stats)(*(x[scored] for x in stats)), rows[scored])
+        scored = rows[wanted[rows]]
+        stats = type(stats)(*(x[wanted[rows]] for x in stats))
+        if phase.rows is None:
+            self._apply_token_weights(inputs, stats, scored)
+        else:  # the weights belong to the whole micro-batch (a later iteration over it reuses them)
+            self._apply_token_weights(phase.inputs, stats, phase.rows[scored])
+            inputs.update(take_rows({key: phase.inputs[key] for key in WEIGHTED_KEYS if key in phase.inputs}, phase.rows))
         return result
 
     def _compute_loss(self, model, inputs):
-        if not self._weights_tokens:
-            return super()._compute_loss(model, inputs)
-        with self._phase(_LossTime(inputs)):
-            return super()._compute_loss(model, inputs)
+        trained = self._trained_rows(inputs)
+        batch = inputs if trained is None else take_rows(inputs, trained.rows)
+        with self._phase(_LossTime(inputs, batch, None if trained is None else trained.rows)):
+            loss = super()._compute_loss(model, batch)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        if trained is None:
+            metrics["dgpo/trained_fraction"].append(1.0)
+            return loss
+        reduce = functools.partial(self.accelerator.reduce, reduction="sum")
+        metrics["dgpo/trained_fraction"].append(full_batch_metrics(metrics, inputs, trained, reduce))
+        return loss * trained.scale
+
+    def _trained_rows(self, inputs: dict) -> TrainedRows | None:
+        """The rows TRL trains when zero-advantage rows are skipped (`dgpo_skip_zero_advantage`), or None: all."""
+        if not self.dgpo.skip_zero_advantage or self._skipping_blockers:
+            return None
+        if not splittable(inputs):
+            if not self._told_unsplittable:
+                logger.warning("dgpo_skip_zero_advantage: every completion trains, the batch holds images (its model "
+                               "inputs cannot be split by completion).")  # fmt: skip
+                self._told_unsplittable = True
+            return None
+        return trained_rows(inputs, self.loss_type)
 
     def get_high_entropy_mask(self, entropies, mask, threshold):
         entropy_mask = super().get_high_entropy_mask(entropies, mask, threshold)

@@ -21,6 +21,8 @@ from .functional import nonfinite_sequences, tau_for_target_ess, token_scores, w
 SEQUENCE_ADVANTAGES = "dgpo_sequence_advantages"
 TOKEN_WEIGHTS = "dgpo_token_weights"
 WEIGHT_SCORES, WEIGHT_TAU = "dgpo_weight_scores", "dgpo_weight_tau"
+# Every key weighting writes into a batch (TRL's among them)
+WEIGHTED_KEYS = ("advantages", SEQUENCE_ADVANTAGES, TOKEN_WEIGHTS, WEIGHT_SCORES, WEIGHT_TAU, "ref_per_token_logps")
 
 
 def valid_mask(inputs: dict) -> torch.Tensor:
