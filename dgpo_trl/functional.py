@@ -49,7 +49,8 @@ DEFAULT_TOKEN_CHUNK_SIZE = 1024
 
 
 class TokenStatistics(NamedTuple):
-    """Per-token statistics of pi_theta (policy) and pi_ref (reference), each of shape (N,), float32.
+    """Per-token statistics of pi_theta (policy) and pi_ref (reference), each of shape (N,), float32 (float64 from
+    float64 inputs).
 
     `policy_logps`/`ref_logps` are the log-probabilities of the labels (zeros when no labels were given). `entropy`
     is the entropy of pi_theta in nats. `hellinger` is the squared Hellinger distance in [0, 1] and `reverse_kl` is
@@ -72,15 +73,16 @@ class TokenStatistics(NamedTuple):
 
 
 def _logits(out, hidden, weight, bias, start, end, logit_scale, final_logit_softcapping, temperature):
-    """One vocabulary tile of logits, in float32, written into `out` and transformed as TRL's fused LM head does."""
+    """One vocabulary tile of logits, in `out`'s dtype (float32, or float64 for float64 inputs), written into `out` and
+    transformed as TRL's fused LM head does."""
     w = weight[start:end]
     if hidden.device.type == "cuda" and hidden.dtype in (torch.float16, torch.bfloat16) and w.dtype == hidden.dtype:
         # Tensor cores with fp32 accumulation and an fp32 result: rounding logits to bf16 would bias the statistics
         torch.mm(hidden, w.t(), out_dtype=torch.float32, out=out)
     else:
-        torch.mm(hidden.float(), w.float().t(), out=out)
+        torch.mm(hidden.to(out.dtype), w.to(out.dtype).t(), out=out)
     if bias is not None:
-        out += bias[start:end].float()
+        out += bias[start:end].to(out.dtype)
     if logit_scale != 1.0:
         out *= logit_scale
     if final_logit_softcapping is not None:
@@ -100,10 +102,12 @@ class _TileFold:
     Bhattacharyya sum, shifted by the mean of the two maxima so it needs no maximum of its own and stays <= 1 per term.
     """
 
-    def __init__(self, rows: int, device):
-        self.max_p = torch.full((rows,), -math.inf, device=device)
-        self.max_q = torch.full((rows,), -math.inf, device=device)
-        self.total_p, self.total_q, self.entropy, self.cross, self.overlap = torch.zeros(5, rows, device=device)
+    def __init__(self, rows: int, device, dtype=torch.float32):
+        self.max_p = torch.full((rows,), -math.inf, device=device, dtype=dtype)
+        self.max_q = torch.full((rows,), -math.inf, device=device, dtype=dtype)
+        self.total_p, self.total_q, self.entropy, self.cross, self.overlap = torch.zeros(
+            5, rows, device=device, dtype=dtype
+        )
 
     @staticmethod
     def _shift(old_max: torch.Tensor, tile: torch.Tensor):
@@ -193,6 +197,8 @@ def _use_fused_kernel(policy_hidden: torch.Tensor, use_triton: bool | None) -> b
     if use_triton is None:
         if policy_hidden.device.type not in _KERNEL_DEVICES or os.environ.get("DGPO_TRITON", "1") == "0":
             return False  # without importing Triton (~85 MB) where it does not run by default
+        if policy_hidden.dtype == torch.float64:
+            return False  # the kernel accumulates in float32; float64 inputs get float64 tiles
     elif not use_triton:
         return False
     from .kernels import divergence
@@ -317,8 +323,8 @@ def token_statistics(
             [`last_divergence_path`] tells which path ran.
 
     Returns:
-        [`TokenStatistics`], each field (N,) float32. Memory beyond the outputs is O(token_chunk_size * chunk_size),
-        independent of N.
+        [`TokenStatistics`], each field (N,) float32 (float64 for float64 hidden states). Memory beyond the outputs is
+        O(token_chunk_size * chunk_size), independent of N.
     """
     if policy_hidden.shape[0] != ref_hidden.shape[0]:
         raise ValueError(f"policy_hidden has {policy_hidden.shape[0]} rows but ref_hidden has {ref_hidden.shape[0]}.")
@@ -371,16 +377,18 @@ def _tiled_token_statistics(
     final_logit_softcapping."""
     n_tokens, vocab = policy_hidden.shape[0], policy_weight.shape[0]
     device = policy_hidden.device
-    out = {k: torch.zeros(n_tokens, device=device) for k in TokenStatistics._fields}
+    # float32 tiles (bf16 inputs included: rounding the logits would bias the statistics), float64 for float64 inputs
+    dtype = torch.float64 if policy_hidden.dtype == torch.float64 else torch.float32
+    out = {k: torch.zeros(n_tokens, device=device, dtype=dtype) for k in TokenStatistics._fields}
     # Four tile buffers, reused for every tile: the two models' logits and their exponentials
-    buffers = torch.empty(4, min(token_chunk_size, n_tokens), min(chunk_size, vocab), device=device)
+    buffers = torch.empty(4, min(token_chunk_size, n_tokens), min(chunk_size, vocab), device=device, dtype=dtype)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
         for t0 in range(0, n_tokens, token_chunk_size):
             t1 = min(t0 + token_chunk_size, n_tokens)
             h_p, h_q = policy_hidden[t0:t1], ref_hidden[t0:t1]
-            fold = _TileFold(t1 - t0, device)
-            label_p = torch.zeros(t1 - t0, device=device)
-            label_q = torch.zeros(t1 - t0, device=device)
+            fold = _TileFold(t1 - t0, device, dtype)
+            label_p = torch.zeros(t1 - t0, device=device, dtype=dtype)
+            label_q = torch.zeros(t1 - t0, device=device, dtype=dtype)
             tile_labels = None if labels is None else labels[t0:t1]
             for v0 in range(0, vocab, chunk_size):
                 v1 = min(v0 + chunk_size, vocab)
@@ -499,10 +507,14 @@ def token_scores(
         raise ValueError(f"vocab_size must be >= 2 to normalise the entropy by log(vocab_size), got {vocab_size}.")
     if entropy_gate not in ENTROPY_GATES:
         raise ValueError(f"entropy_gate must be one of {list(ENTROPY_GATES)}, got {entropy_gate!r}.")
-    entropy = entropy.float().clamp(0.0, math.log(vocab_size))
+    entropy = _at_least_float32(entropy).clamp(0.0, math.log(vocab_size))
     if entropy_gate == "normalized":
         entropy = entropy / math.log(vocab_size)
-    return divergence.float() * entropy.pow(kappa)
+    return _at_least_float32(divergence) * entropy.pow(kappa)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def nonfinite_sequences(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .functional import DIVERGENCES, token_statistics
+from .functional import DIVERGENCES, token_statistics, wide_dtype
 
 
 # Model inputs that hold one row per completion, so a subset of completions is a subset of their rows
@@ -93,8 +93,10 @@ class StatisticsPass:
             # TRL's training forward returned the completion positions only: aligned with the last label positions
             policy_logps = torch.nn.functional.pad(policy_logps, (mask.size(1) - policy_logps.size(1), 0))
             output = SimpleNamespace(log_probs=policy_logps, entropy=None, aux_loss=None)
+        # In float64, which holds the pass's float32 statistics exactly and float64 ones (float64 models) in full
+        wide = wide_dtype(mask.device)
         per_position = CompletionStatistics(
-            policy_logps, *(torch.zeros(mask.shape, device=mask.device) for _ in range(4))
+            policy_logps, *(torch.zeros(mask.shape, device=mask.device, dtype=wide) for _ in range(4))
         )
         per_position.ref_logps.fill_(float("nan"))
         self.chunks.append(per_position)
@@ -110,13 +112,13 @@ class StatisticsPass:
             policy_hidden = policy_hidden[rows]
         if self.needs_ref_logps:
             ref_logps, ref_hidden = self.reference.log_probs_and_hidden_states(inputs, labels[rows])
-            per_position.ref_logps[rows] = ref_logps.float()
+            per_position.ref_logps[rows] = ref_logps.to(wide)
         else:
             ref_hidden = self.reference.hidden_states(inputs)
         stats = self.divergence(policy_hidden[:, :-1][mask], ref_hidden[:, :-1][mask])
         for name in ("hellinger", "reverse_kl", "entropy"):
-            getattr(per_position, name)[rows] = mask.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(
-                mask, getattr(stats, name)
+            getattr(per_position, name)[rows] = mask.new_zeros(mask.shape, dtype=wide).masked_scatter(
+                mask, getattr(stats, name).to(wide)
             )
         return output
 

@@ -65,7 +65,7 @@ class TrainedRows(NamedTuple):
     every process still runs one forward and backward), and the factor on TRL's loss of them."""
 
     rows: torch.Tensor
-    scale: torch.Tensor
+    scale: float
     count: int
 
 
@@ -75,18 +75,19 @@ def trained_rows(inputs: dict, loss_type: str) -> TrainedRows:
     kept = mask.any(-1) & (sequence_advantages(inputs) != 0)
     rows = kept.nonzero().squeeze(-1)
     if len(rows) == 0:
-        return TrainedRows(rows.new_zeros(1), mask.new_zeros((), dtype=torch.float32), 0)
+        return TrainedRows(rows.new_zeros(1), 0.0, 0)
     return TrainedRows(rows, loss_scale(loss_type, mask, rows), len(rows))
 
 
-def loss_scale(loss_type: str, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The factor that turns TRL's loss over `rows` into its loss over every row (see the module docstring)."""
+def loss_scale(loss_type: str, mask: torch.Tensor, rows: torch.Tensor) -> float:
+    """The factor that turns TRL's loss over `rows` into its loss over every row (see the module docstring). A Python
+    number, so that the loss keeps its dtype."""
     if loss_type in ROW_NORMALIZED:
-        return torch.tensor(len(rows) / len(mask), device=mask.device)
+        return len(rows) / len(mask)
     if loss_type in TOKEN_NORMALIZED:
-        return mask[rows].sum().clamp(min=1.0) / mask.sum().clamp(min=1.0)
+        return max(mask[rows].sum().item(), 1) / max(mask.sum().item(), 1)
     if loss_type in ITEM_NORMALIZED:
-        return torch.tensor(1.0, device=mask.device)
+        return 1.0
     raise ValueError(f"loss_type {loss_type!r} has no known normalizer")
 
 

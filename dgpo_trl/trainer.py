@@ -411,13 +411,15 @@ class DGPOTrainer(GRPOTrainer):
         (`stats` fields (len(rows), T)); keeps a few for heatmaps and logs DGPO's metrics."""
         mask, advantages = valid_mask(inputs), sequence_advantages(inputs)
         reduce = functools.partial(self.accelerator.reduce, reduction="sum")
-        batch = weigh(stats, mask, rows, advantages, self.dgpo, vocab_size=self._vocab_size, reduce=reduce)
+        dtype = torch.float64 if self._policy().dtype == torch.float64 else torch.float32
+        batch = weigh(stats, mask, rows, advantages, self.dgpo, vocab_size=self._vocab_size, reduce=reduce, dtype=dtype)
         inputs[TOKEN_WEIGHTS] = batch.weights
         inputs["advantages"] = advantages.unsqueeze(1) * batch.weights
         if self.top_entropy_quantile < 1.0:  # TRL picks the tokens it trains in each loss call: see get_high_entropy_mask
             inputs.update(entropy_mask_inputs(batch, mask, rows, advantages))
         if self.beta != 0.0:  # every row with a valid token was scored (`_rows_wanted`); the others have no KL term
-            inputs["ref_per_token_logps"] = torch.zeros_like(batch.weights).index_put_((rows,), stats.ref_logps)
+            ref_logps = torch.zeros_like(batch.weights, dtype=torch.float32)  # TRL's log-probs are float32
+            inputs["ref_per_token_logps"] = ref_logps.index_put_((rows,), stats.ref_logps.float())
         if len(rows):  # a batch with nothing to score keeps the previous batch's for heatmaps
             shown = rows[: self.num_completions_to_show]
             kept = {key: inputs[key][shown].cpu() for key in ("prompt_ids", "prompt_mask", "completion_ids")}

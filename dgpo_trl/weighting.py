@@ -39,7 +39,7 @@ def sequence_advantages(inputs: dict) -> torch.Tensor:
 
 
 class BatchWeights(NamedTuple):
-    """The weights of a batch. `weights` (B, T) float32: DGPO's on the scored rows, 1 on the other valid tokens, 0
+    """The weights of a batch. `weights` (B, T) (float32, float64 for a float64 model): DGPO's on the scored rows, 1 on the other valid tokens, 0
     elsewhere. For the scored rows (len(rows), T): `scores` s_t, `divergence` d_t, and `scored_weights` in float64
     (the metrics resolve spreads far below float32's resolution near w = 1); `tau` the temperature used."""
 
@@ -50,12 +50,12 @@ class BatchWeights(NamedTuple):
     tau: float
 
 
-def weigh(stats, mask, rows, advantages, settings, *, vocab_size: int, reduce: Callable) -> BatchWeights:
+def weigh(stats, mask, rows, advantages, settings, *, vocab_size: int, reduce: Callable, dtype=torch.float32):
     """DGPO's weights of a batch whose completions `rows` were scored (`stats` fields (len(rows), T)). The other
     completions have A_i = 0, so their weights never reach the loss: they keep w = 1.
 
     `settings` are the `DGPOArguments` of the moment; `reduce` sums a tensor across processes (the adaptive tau is
-    global)."""
+    global); `dtype` that of the returned weights (float32, or float64 for a float64 model)."""
     scored_mask = mask[rows]
     divergence = stats.divergence(settings.divergence)
     scores = token_scores(
@@ -66,8 +66,8 @@ def weigh(stats, mask, rows, advantages, settings, *, vocab_size: int, reduce: C
         informative = scored_mask & (advantages[rows] != 0).unsqueeze(-1)
         tau = tau_for_target_ess(scores, informative, settings.target_ess, fallback=settings.tau, reduce=reduce)
     scored_weights = weights_from_scores(scores.to(wide_dtype(scores.device)), scored_mask, tau)
-    weights = mask.float()
-    weights[rows] = scored_weights.float()
+    weights = mask.to(dtype)
+    weights[rows] = scored_weights.to(dtype)
     return BatchWeights(weights, scored_weights, divergence, scores, tau)
 
 
