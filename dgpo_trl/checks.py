@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+from .reference import check_reference_adapter
+
+
+def check_trainer_arguments(model, args, given: dict, weighted: bool, peft: bool) -> None:
+    """What DGPOTrainer refuses before anything touches the model. `given`: GRPOTrainer's arguments by name; `weighted`:
+    DGPO's weights are on (a reference is built); `peft`: the policy is a PEFT model."""
+    for name in ("train_dataset", "eval_dataset"):
+        check_dataset(given.get(name), name, environment=given.get("environment_factory") is not None)
+    if weighted and args.sync_ref_model and peft:
+        raise NotImplementedError(
+            "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its adapter "
+            "disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
+        )
+    if weighted:
+        check_reference_adapter(model)
+
 
 def check_dataset(dataset, name: str, environment: bool = False) -> None:
     """Refuses, at construction, a dataset GRPOTrainer could only fail on or silently not use, saying what is wrong.

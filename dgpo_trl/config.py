@@ -192,11 +192,12 @@ def _apply_deprecated_score(args) -> None:
     )
 
 
-def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
+def validate_dgpo_arguments(args, warn: bool = True, fixed_uniform_weights: bool | None = None) -> DGPOArguments:
     """Checks DGPO's fields (and the TRL fields DGPO constrains) on a `DGPOConfig` or a plain `GRPOConfig`.
 
     A `GRPOConfig` has no `dgpo_*` fields and gets `DGPOConfig`'s defaults. Raises `ValueError` naming the field and
-    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO.
+    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO. `fixed_uniform_weights`: the value a
+    built trainer fixed (it loaded a reference model or none), which `dgpo_uniform_weights` may no longer change.
     """
     _apply_deprecated_score(args)  # also when a callback sets it during training
     tau = getattr(args, "dgpo_tau", DGPOConfig.dgpo_tau)
@@ -215,6 +216,12 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         raise ValueError(f"dgpo_divergence must be one of {list(DIVERGENCES)}, got {_shown(divergence)}.")
     if not isinstance(uniform_weights, (bool, np.bool_)):
         raise ValueError(f"dgpo_uniform_weights must be True or False, got {_shown(uniform_weights)}.")
+    if fixed_uniform_weights is not None and bool(uniform_weights) != fixed_uniform_weights:
+        raise ValueError(
+            f"dgpo_uniform_weights cannot change after the trainer is built (it loaded "
+            f"{'no' if fixed_uniform_weights else 'a'} reference model for it), got {uniform_weights}. Build a new "
+            "trainer instead."
+        )
     if entropy not in ENTROPY_GATES:
         raise ValueError(f"dgpo_entropy must be one of {list(ENTROPY_GATES)}, got {_shown(entropy)}.")
     if not _is_integer(chunk_size) or chunk_size < 1:

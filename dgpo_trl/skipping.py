@@ -19,8 +19,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from transformers.utils import logging
 
 from .weighting import sequence_advantages, valid_mask
+
+
+logger = logging.get_logger(__name__)
 
 
 ROW_NORMALIZED = ("grpo", "sapo", "dr_grpo", "luspo")
@@ -37,9 +41,9 @@ _NOT_ROW_WISE = (
 CLIPPED_FRACTIONS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "cispo_clip_ratio")
 
 
-def skipping_blockers(trainer) -> list[str]:
+def skipping_blockers(trainer, warn: bool) -> list[str]:
     """The settings under which a zero-advantage row changes the update, so every row must train (empty: rows may be
-    skipped). `trainer` is a `GRPOTrainer`; its fields are TRL's."""
+    skipped); with `warn`, says so. `trainer` is a `GRPOTrainer`; its fields are TRL's."""
     blockers = []
     if trainer.beta != 0.0:
         blockers.append(f"beta={trainer.beta} (TRL's KL term is nonzero on every row)")
@@ -52,6 +56,9 @@ def skipping_blockers(trainer) -> list[str]:
                         "micro-batch's tokens)")  # fmt: skip
     if trainer.loss_type not in ROW_NORMALIZED + TOKEN_NORMALIZED + ITEM_NORMALIZED:
         blockers.append(f"loss_type={trainer.loss_type!r} (its normalizer is not known to DGPO)")
+    if blockers and warn:
+        logger.warning(f"dgpo_skip_zero_advantage: every completion trains, zero-advantage ones included, because of "
+                       f"{'; '.join(blockers)}.")  # fmt: skip
     return blockers
 
 
@@ -69,8 +76,13 @@ class TrainedRows(NamedTuple):
     count: int
 
 
-def trained_rows(inputs: dict, loss_type: str) -> TrainedRows:
-    """The rows with a nonzero advantage and a valid token, and `loss_scale` for them."""
+def trained_rows(inputs: dict, loss_type: str) -> TrainedRows | None:
+    """The rows with a nonzero advantage and a valid token, and `loss_scale` for them; None (every row trains) for a
+    batch that cannot be split by row."""
+    if not splittable(inputs):
+        logger.warning_once("dgpo_skip_zero_advantage: every completion trains, the batch holds images (its model "
+                            "inputs cannot be split by completion).")  # fmt: skip
+        return None
     mask = valid_mask(inputs)
     kept = mask.any(-1) & (sequence_advantages(inputs) != 0)
     rows = kept.nonzero().squeeze(-1)

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import is_peft_model
 
-from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import get_config_model_id
 
-from .checks import check_dataset
+from .checks import check_trainer_arguments
 from .config import DGPOArguments, DGPOConfig, validate_dgpo_arguments
 from .forwards import (
     backbone_forward,
@@ -30,9 +29,9 @@ from .forwards import (
 )
 from .functional import last_divergence_path
 from .metrics import dgpo_metrics
-from .reference import FrozenReference, ReferenceKernels, check_reference_adapter, frozen_copy
+from .reference import FrozenReference, ReferenceKernels, frozen_copy
 from .scoring import StatisticsPass, divergence_pass, logit_transform, select_rows
-from .skipping import TrainedRows, full_batch_metrics, skipping_blockers, splittable, take_rows, trained_rows
+from .skipping import full_batch_metrics, skipping_blockers, take_rows, trained_rows
 from .weighting import (
     TOKEN_WEIGHTS,
     WEIGHTED_KEYS,
@@ -45,7 +44,6 @@ from .weighting import (
 )
 
 
-logger = logging.get_logger(__name__)
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
 
@@ -102,33 +100,30 @@ class DGPOTrainer(GRPOTrainer):
     Trainer for Distribution-Guided Policy Optimization (DGPO, [arXiv 2605.03327](https://arxiv.org/abs/2605.03327)).
 
     Same constructor, options and behaviour as TRL's [`~trl.GRPOTrainer`]; only the advantages change. Each completion
-    i's sequence advantage A_i is redistributed over its valid tokens (`completion_mask * tool_mask`) as
-    A_{i,t} = A_i * w_t, with w_t = T_i * softmax_t(d_t * (H_t / log|V|) ** kappa / tau) (or H_t in nats,
-    `dgpo_entropy="nats"`): d_t is the squared Hellinger distance (or reverse KL) between pi_theta and a frozen
-    reference over the full vocabulary, H_t the entropy of pi_theta, both under TRL's sampling temperature and logit
-    transform. TRL's `_compute_loss` takes the (B, T) advantages unchanged. The KL penalty is dropped (`beta=0`); a
-    user's `beta > 0` keeps TRL's KL term too, against DGPO's reference.
+    i's advantage A_i is redistributed over its valid tokens (`completion_mask * tool_mask`) as A_{i,t} = A_i * w_t,
+    w_t = T_i * softmax_t(d_t * (H_t / log|V|) ** kappa / tau): d_t the squared Hellinger distance (or reverse KL)
+    between pi_theta and a frozen reference, H_t the entropy of pi_theta, over the full vocabulary under TRL's sampling
+    temperature and logit transform. No KL penalty (`beta=0`); `beta > 0` keeps TRL's, against DGPO's reference.
 
-    pi_theta is the policy that generated the batch (pi_old); each completion's weights are computed once, from a
-    forward TRL runs anyway: its scoring-time pi_old forward when it asks for one (off-policy steps, vLLM importance
-    sampling), otherwise the micro-batch's first training forward (no optimizer step separates it from generation),
-    for the completions with a nonzero advantage (`dgpo_skip_zero_advantage`). Every log-prob TRL receives is
-    computed by TRL's own fused LM head, so PPO ratios and TRL's KL term are GRPOTrainer's in every dtype. DGPO adds
-    one reference forward per scored completion (replacing TRL's when beta > 0) and a divergence pass over
-    (tokens x vocabulary) tiles; where the policy's train-mode forward has dropout, a dropout-free policy forward too.
+    pi_theta is pi_old: each completion's weights are computed once, from a forward TRL runs anyway (its scoring-time
+    pi_old forward when it asks for one, else the micro-batch's first training forward), for the completions with a
+    nonzero advantage. Every log-prob TRL receives comes from TRL's own fused LM head, so PPO ratios and TRL's KL term
+    are GRPOTrainer's in every dtype. DGPO adds a reference forward per scored completion (replacing TRL's when
+    beta > 0) and a tiled divergence pass; where the policy's train-mode forward has dropout, a dropout-free policy
+    forward. With `dgpo_skip_zero_advantage` the training step forwards only the completions with A_i != 0
+    (`dgpo_trl.skipping`), the update unchanged.
 
     What is overridden, and why:
-    - `__init__`: builds the frozen reference (`dgpo_trl.reference.FrozenReference`), which replaces TRL's: TRL's
-      __init__ runs with beta = 0 and no sync_ref_model, so it loads none.
-    - `_generate_and_score_completions`, `_compute_loss`: enter the phase DGPO's other overrides read (`_phase`);
-      the first applies the weights when they were computed at scoring time.
-    - `_get_per_token_logps_and_entropies`: routes TRL's scoring-time pi_old forward, and the loss-time statistics,
-      through DGPO's statistics pass (`dgpo_trl.scoring.StatisticsPass`, which reuses TRL's input building), and
-      answers TRL's scoring-time reference forward (DGPO's own reference forward provides those log-probs).
-    - `get_high_entropy_mask` (only with `top_entropy_quantile < 1`): moves each completion's weight onto the tokens
-      TRL's high-entropy mask keeps, so the weights average 1 over the tokens that receive gradient.
-    - `_save`, `train`, `evaluate`: DGPO's frozen "ref" adapter stays out of saves, and out of the user's model once
-      `train()` or `evaluate()` returns (it is put back when the trainer needs it again).
+    - `__init__`: builds DGPO's frozen reference (`dgpo_trl.reference.FrozenReference`) instead of TRL's.
+    - `_generate_and_score_completions`, `_compute_loss`: enter the phase the other overrides read (`_phase`); the
+      first applies weights computed at scoring time, the second trains only the rows that carry signal.
+    - `_get_per_token_logps_and_entropies`: routes TRL's pi_old forward and the loss-time statistics through DGPO's
+      statistics pass (`dgpo_trl.scoring.StatisticsPass`, on TRL's own input building), and answers TRL's
+      scoring-time reference forward (DGPO's own gives those log-probs).
+    - `get_high_entropy_mask` (`top_entropy_quantile < 1`): moves each completion's weight onto the tokens TRL's mask
+      keeps, so the weights average 1 over the tokens that receive gradient.
+    - `_save`, `train`, `evaluate`: DGPO's "ref" adapter stays out of saves, and out of the user's model once `train()`
+      or `evaluate()` returns.
     - `log`: `dgpo/*/max` are the maxima of the logging window (TRL averages every metric over it).
     """
 
@@ -143,17 +138,9 @@ class DGPOTrainer(GRPOTrainer):
         # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
         weighted = self._weights_tokens = not validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig)).uniform_weights
         given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *trainer_args, **trainer_kwargs).arguments
-        for name in ("train_dataset", "eval_dataset"):
-            check_dataset(given.get(name), name, environment=given.get("environment_factory") is not None)
         peft_config = given.get("peft_config")
         passed_peft_model = not isinstance(model, str) and is_peft_model(model)
-        if weighted and args.sync_ref_model and (peft_config is not None or passed_peft_model):
-            raise NotImplementedError(
-                "sync_ref_model=True is not supported with a PEFT model: the reference is the policy with its "
-                "adapter disabled, so there is no separate reference to synchronize. Set sync_ref_model=False."
-            )
-        if weighted:
-            check_reference_adapter(model)  # before anything touches the model
+        check_trainer_arguments(model, args, given, weighted, peft=peft_config is not None or passed_peft_model)
         # A model passed as an object may differ from what its config's path holds (changed in memory, or built from
         # a config): its reference is a copy of it, taken before TRL patches its forward (a copy of a patched model
         # would keep calling the original's). A model passed as a path gets its reference from that path.
@@ -183,10 +170,7 @@ class DGPOTrainer(GRPOTrainer):
         self._logit_scale, self._softcap = logit_transform(policy.config)
         head = policy.get_output_embeddings()
         self._vocab_size = getattr(head, "out_features", None) or policy.config.get_text_config().vocab_size
-        self._skipping_blockers, self._told_unsplittable = skipping_blockers(self), False
-        if self._skipping_blockers and self.dgpo.skip_zero_advantage:
-            logger.warning(f"dgpo_skip_zero_advantage: every completion trains, zero-advantage ones included, because "
-                           f"of {'; '.join(self._skipping_blockers)}.")  # fmt: skip
+        self._skipping_blockers = skipping_blockers(self, warn=self.dgpo.skip_zero_advantage)
         self._training_noise = training_noise(self._policy()) if weighted else []
         if self._training_noise:
             warnings.warn(training_noise_warning(self._training_noise), UserWarning, stacklevel=2)
@@ -199,17 +183,9 @@ class DGPOTrainer(GRPOTrainer):
 
     @property
     def dgpo(self) -> DGPOArguments:
-        """DGPO's settings, read from `self.args` and validated (with `DGPOConfig`'s messages) at every use, so that a
-        callback can change them during training, e.g. anneal `dgpo_tau`. Only whether tokens are weighted at all
-        (`dgpo_uniform_weights`) is fixed at construction, which loads a reference model or none."""
-        settings = validate_dgpo_arguments(self.args, warn=False)
-        if settings.uniform_weights == self._weights_tokens:
-            raise ValueError(
-                f"dgpo_uniform_weights cannot change after the trainer is built (it loaded "
-                f"{'a' if self._weights_tokens else 'no'} reference model for it), got {settings.uniform_weights}. "
-                "Build a new trainer instead."
-            )
-        return settings
+        """DGPO's settings, read from `self.args` and validated at every use, so that a callback can change them during
+        training (e.g. anneal `dgpo_tau`); `dgpo_uniform_weights` is fixed at construction (a reference or none)."""
+        return validate_dgpo_arguments(self.args, warn=False, fixed_uniform_weights=not self._weights_tokens)
 
     @contextmanager
     def _phase(self, phase: _Scoring | _LossTime):
@@ -260,7 +236,7 @@ class DGPOTrainer(GRPOTrainer):
         kwargs.update(batch_size=None, compute_entropy=False, compute_aux_loss=False)
         multimodal = any(value is not None for key, value in kwargs.items() if key not in _SCORING_OPTIONS)
         wanted = self._rows_wanted(inputs)
-        rows = self._select_rows(wanted, subset_allowed=not multimodal)
+        rows = select_rows(wanted, subset_allowed=not multimodal, collective=self._collective_forwards)
         statistics = self._statistics_pass(
             policy_hidden=torch.cat(captured)[rows] if captured else None, policy_logps=result[0].detach()[rows]
         )
@@ -277,7 +253,8 @@ class DGPOTrainer(GRPOTrainer):
         return result
 
     def _compute_loss(self, model, inputs):
-        trained = self._trained_rows(inputs)
+        skip = self.dgpo.skip_zero_advantage and not self._skipping_blockers
+        trained = trained_rows(inputs, self.loss_type) if skip else None
         batch = inputs if trained is None else take_rows(inputs, trained.rows)
         with self._phase(_LossTime(inputs, batch, None if trained is None else trained.rows)):
             loss = super()._compute_loss(model, batch)
@@ -288,18 +265,6 @@ class DGPOTrainer(GRPOTrainer):
         reduce = functools.partial(self.accelerator.reduce, reduction="sum")
         metrics["dgpo/trained_fraction"].append(full_batch_metrics(metrics, inputs, trained, reduce))
         return loss * trained.scale
-
-    def _trained_rows(self, inputs: dict) -> TrainedRows | None:
-        """The rows TRL trains when zero-advantage rows are skipped (`dgpo_skip_zero_advantage`), or None: all."""
-        if not self.dgpo.skip_zero_advantage or self._skipping_blockers:
-            return None
-        if not splittable(inputs):
-            if not self._told_unsplittable:
-                logger.warning("dgpo_skip_zero_advantage: every completion trains, the batch holds images (its model "
-                               "inputs cannot be split by completion).")  # fmt: skip
-                self._told_unsplittable = True
-            return None
-        return trained_rows(inputs, self.loss_type)
 
     def get_high_entropy_mask(self, entropies, mask, threshold):
         entropy_mask = super().get_high_entropy_mask(entropies, mask, threshold)
@@ -324,15 +289,16 @@ class DGPOTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
-        finally:
-            self._release_reference()
+        finally:  # the user's PeftModel is left as GRPOTrainer leaves it: without DGPO's reference adapter
+            if self.reference is not None:
+                self.reference.release(sharded=self._collective_forwards)
 
     def evaluate(self, *args, **kwargs):
         try:
             return super().evaluate(*args, **kwargs)
-        finally:
-            if not self.is_in_train:  # an evaluation inside train() keeps it until train() ends
-                self._release_reference()
+        finally:  # an evaluation inside train() keeps it until train() ends
+            if self.reference is not None and not self.is_in_train:
+                self.reference.release(sharded=self._collective_forwards)
 
     def _save(self, output_dir=None, state_dict=None):
         # Checkpoints, `save_model` and Hub pushes write the trained adapters only (a resumed or reloaded trainer
@@ -354,11 +320,6 @@ class DGPOTrainer(GRPOTrainer):
             cached = self._unwrapped[id(model)] = (model, self.accelerator.unwrap_model(model))
         return cached[1]
 
-    def _release_reference(self):
-        # The user's PeftModel is left as GRPOTrainer leaves it: without DGPO's reference adapter (restored on use)
-        if self.reference is not None:
-            self.reference.release(sharded=self._collective_forwards)
-
     def _statistics_pass(self, **given) -> StatisticsPass:
         # A train-mode forward with dropout cannot serve: the policy's side then comes from a dropout-free forward
         noisy = self._training_noise and self.model.training
@@ -366,7 +327,7 @@ class DGPOTrainer(GRPOTrainer):
             dropout_free_hidden=self._dropout_free_hidden if noisy else None,
             reference=self.reference,
             divergence=self._divergence_pass,
-            select_rows=self._select_rows,
+            select_rows=functools.partial(select_rows, collective=self._collective_forwards),
             ref_logps=self.beta != 0.0,
             **given,
         )
@@ -395,9 +356,6 @@ class DGPOTrainer(GRPOTrainer):
         if self.dgpo.skip_zero_advantage and self.beta == 0.0:
             wanted &= sequence_advantages(inputs) != 0
         return wanted
-
-    def _select_rows(self, wanted: torch.Tensor, subset_allowed: bool) -> torch.Tensor:
-        return select_rows(wanted, subset_allowed, collective=self._collective_forwards)
 
     @property
     def _collective_forwards(self) -> bool:

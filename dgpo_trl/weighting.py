@@ -83,4 +83,5 @@ def entropy_mask_inputs(batch: BatchWeights, mask, rows, advantages) -> dict:
 def reallocated_weights(inputs: dict, kept: torch.Tensor) -> torch.Tensor:
     """DGPO's weights over the tokens TRL's high-entropy mask keeps: w_t = K_i * softmax of s_t / tau over the K_i
     kept tokens of completion i, 0 on the others."""
-    return weights_from_scores(inputs[WEIGHT_SCORES], kept, inputs[WEIGHT_TAU].unsqueeze(-1))
+    weights = weights_from_scores(inputs[WEIGHT_SCORES], kept, inputs[WEIGHT_TAU].unsqueeze(-1))
+    return weights.to(inputs[TOKEN_WEIGHTS].dtype)  # the weights' own dtype, as the loss gets them elsewhere

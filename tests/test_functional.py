@@ -61,16 +61,16 @@ def test_logit_scale_softcap_and_temperature_are_applied_like_trl():
     assert (plain.entropy - fast.entropy).abs().max() > 0.05
 
 
-def test_public_divergence_and_entropy_selects_the_score():
+def test_public_divergence_and_entropy_selects_the_divergence():
     hp, wp, hq, wq, _, _ = random_heads(seed=2)
     ref = token_statistics_reference(hp, wp, hq, wq)
     d, h = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32)
     torch.testing.assert_close(d, ref.hellinger, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(h, ref.entropy, atol=2e-5, rtol=1e-4)
-    kl, _ = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32, score="reverse_kl")
+    kl, _ = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32, divergence="reverse_kl")
     torch.testing.assert_close(kl, ref.reverse_kl, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="score"):
-        token_divergence_and_entropy(hp, wp, hq, wq, score="forward_kl")
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        token_divergence_and_entropy(hp, wp, hq, wq, divergence="forward_kl")
 
 
 def test_hellinger_is_zero_for_equal_models_and_bounded():

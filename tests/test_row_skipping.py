@@ -163,7 +163,7 @@ def test_each_setting_that_needs_every_row_turns_skipping_off(warm_model_path, t
 
     overrides, named = BLOCKERS[condition]
     model = _tiny_moe(tmp_path / "moe") if condition == "router_aux_loss" else warm_model_path
-    with caplog.at_level(logging.WARNING, logger="dgpo_trl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="dgpo_trl.skipping"):
         skipped, skipped_params = run(model, tmp_path, True, max_steps=2, **overrides)
     assert any(named in record.getMessage() and "every completion trains" in record.getMessage()
                for record in caplog.records), [r.getMessage() for r in caplog.records]  # fmt: skip
