@@ -1,7 +1,8 @@
-"""The GPU kit: every GPU check of DGPO in one command, for a lent machine that may come once, for minutes.
+"""The GPU kit: every GPU check of DGPO in one command, for a CUDA machine without network access.
 
-    python3 benchmarks/gpu_check.py                 # on the GPU machine (or: make gpu-check); 5-6 min estimated
-    python benchmarks/gpu_check.py --dry-run        # the same code paths on CPU with tiny shapes (seconds)
+    make gpu-wheels                            # on a machine with PyPI: the wheels the GPU machine lacks, in .whl/
+    python3 benchmarks/gpu_check.py --out DIR  # on the GPU machine (or: make gpu-check GPU_CHECK_ARGS="--out DIR")
+    python benchmarks/gpu_check.py --dry-run   # the same code paths on CPU with tiny shapes (seconds)
 
 Sections, each run in its own Python process (a CUDA fault or a hang in one cannot take the others down; each has a
 time limit inside the kit's overall budget, --budget-s, 480 s by default), in this order:
@@ -24,18 +25,18 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                configurations), at the random-init Qwen2.5-0.5B shape (bf16, V = 151936): DGPO vs GRPO(beta=0.04) vs
                GRPO(beta=0), aligned (every completion scored, and 40% zero-advantage groups) and off-policy
                (steps_per_generation 2), one process per trainer, as many rounds (up to 3) as fit in the section's
-               time, torch.cuda.max_memory_allocated. Its runs file lands in `$OUT/steps/`.
+               time, torch.cuda.max_memory_allocated. Its runs file lands in `DIR/steps/`.
 
 A failing section is recorded (status "failed", the error, the end of its output) and the kit goes on. Everything
-lands in `$OUT/gpu_check.json` and `$OUT/gpu_check.log` (`--out DIR` where $OUT is unset; default
-benchmarks/results/gpu_check/, or a temporary folder for the dry run). The exit status is 1 if any section failed,
-after both files are written.
+lands in `DIR/gpu_check.json` and `DIR/gpu_check.log` (`--out DIR`; default benchmarks/results/gpu_check/, or a
+temporary folder for the dry run). The exit status is 1 if any section failed, after both files are written.
 
-Packages: the lent machine's image has torch (CUDA), Triton, transformers, accelerate and peft but no TRL, datasets or
-liger-kernel, and no network. `benchmarks/gpu_wheels.sh` (`make gpu-wheels`) puts their wheels in `.whl/` here; the
-device call carries `.whl`; this script installs them with `pip install --no-index --no-deps --target` into a
-private folder put first on PYTHONPATH (the image's torch and transformers are never touched), and runs dgpo-trl from
-the working tree.
+Packages: the GPU machine needs Python (3.12 unless the wheels were built for another: `GPU_PYTHON_VERSION`), a CUDA
+build of torch, Triton, transformers, accelerate and peft, and datasets' own dependencies (see
+`benchmarks/gpu_wheels.sh`); it may lack TRL, datasets and liger-kernel. `make gpu-wheels` puts their wheels in
+`.whl/`, which travels with the working tree; this script installs them with `pip install --no-index --no-deps
+--target` into a private folder put first on PYTHONPATH (the machine's torch and transformers are never touched;
+`--install no` skips it where those packages are installed), and runs dgpo-trl from the working tree.
 """
 
 from __future__ import annotations
@@ -488,11 +489,10 @@ def section_steps(dry: bool, device, partial_path: Path) -> dict:
                 "--batch", "4", "--generations", "4", "--max-completion-length", "4",
                 "--timed-cycles", '{"aligned": 2, "offpolicy": 1}', "--warmup-cycles", '{"aligned": 1, "offpolicy": 1}']
     else:
-        # As many rounds as fit in the section's time (a round is 9 processes: 3 configurations x 3 trainers)
         # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
         limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
         argv = ["--shape", "qwen2.5-0.5b", "--rounds", "3", "--budget-s", f"{limit - 30:.0f}"]
-    # The kit's output folder ($OUT on the device machine: it comes back), which the parent passes down
+    # The kit's output folder, which the parent passes down: whatever finished is kept there
     out = Path(os.environ.get("DGPO_GPU_CHECK_OUT", partial_path.parent)) / "steps"
     argv += ["--device", device.type, "--out", str(out), "--stem", "steps_gpu_check"]
     args = bench_steps.resolve(bench_steps.build_parser().parse_args(argv))
@@ -570,12 +570,20 @@ def install_wheels(wheel_dir: Path, target: Path, log) -> dict:
                 **({"error": (proc.stdout + proc.stderr)[-2000:]} if proc.returncode else {}))
 
 
+def output_dir(out: Path | None, dry_run: bool) -> Path:
+    """`--out`, else the results folder; a dry run's tiny-shape numbers go to the temporary folder instead."""
+    if out is not None:
+        return out
+    return Path(tempfile.gettempdir()) / "dgpo_gpu_check_dry" if dry_run else BENCH / "results" / "gpu_check"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no wheel install (seconds)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: $OUT, else benchmarks/results/gpu_check (dry run: $TMPDIR/dgpo_gpu_check_dry)")
+                        help="where the JSON, the log and steps/ go (default: benchmarks/results/gpu_check; dry run: "
+                             "$TMPDIR/dgpo_gpu_check_dry)")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheels to install first (GPU runs)")
     parser.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "dgpo_gpu_site",
                         help="where the wheels are installed (put first on PYTHONPATH)")
@@ -590,13 +598,7 @@ def main():
         return
 
     start = time.perf_counter()
-    # $OUT on the device machine; otherwise the results folder (a dry run's tiny numbers go to the temp folder)
-    if args.out:
-        out = args.out
-    elif os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-    else:
-        out = Path(tempfile.gettempdir()) / "dgpo_gpu_check_dry" if args.dry_run else BENCH / "results" / "gpu_check"
+    out = output_dir(args.out, args.dry_run)
     out.mkdir(parents=True, exist_ok=True)
     log_path, json_path = out / "gpu_check.log", out / "gpu_check.json"
     log_file = log_path.open("w")
@@ -675,7 +677,7 @@ def main():
 
 
 def summarize(report: dict) -> dict:
-    """The headline numbers of each section, as lines (printed last: the device tool returns the output's tail)."""
+    """The headline numbers of each section, as lines (printed last, so that the output's tail holds them)."""
     lines, targets = [], []
     sections = report["sections"]
     for name, record in sections.items():
