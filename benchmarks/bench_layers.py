@@ -217,6 +217,8 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
                                                                   with z the zero-advantage fraction, 1 at spg > 1:
                                                                   TRL's old-log-prob pass runs as GRPO's, and DGPO
                                                                   takes the policy's hidden states from it)
+                        - spg x z x (bb(train) + head_train)     (the training forward and backward of the zero-
+                                                                  advantage rows, skipped; the optimizer step is not)
       DGPO, dropout   = DGPO + s x bb(forward)                   (a policy whose train-mode forward has dropout: the
                                                                   statistics' dropout-free policy forward)
       floor           = 1 + DGPO's reference backbone / GRPO(beta=0)
@@ -241,7 +243,8 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
         base = generate + steps * train_step + old
         reference = bb("forward", name)
         scored = 1.0 - zero_fraction if steps == 1 else 1.0
-        dgpo = base + scored * (reference + head[("divergence", name)])
+        skipped = steps * zero_fraction * (bb("train", "step") + head[("head_train", "step")])
+        dgpo = base + scored * (reference + head[("divergence", name)]) - skipped
         train_peak = activations + head[("head_train_bytes", "step")]
         # DGPO's aligned-path pass runs at loss time, with the training forward's activations alive
         dgpo_peak = max(train_peak, activations + head[("divergence_bytes", name)]) if steps == 1 else max(
@@ -252,7 +255,7 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
             floor=1.0 + scored * reference / base,
             peak_bytes={"grpo_beta0.04": resident + train_peak, "dgpo": resident + dgpo_peak,
                         "grpo_beta0": resident * 4 / 5 + train_peak},
-            parts=dict(generation=generate, train_step=train_step, optimizer=optimizer, old_log_probs=old,
+            parts=dict(generation=generate, train_step=train_step, optimizer=optimizer, old_log_probs=old, skipped=skipped,
                        reference_backbone=reference, head_reference=head[("head_reference", name)],
                        divergence=head[("divergence", name)]),
         )
@@ -263,8 +266,6 @@ def projection_rows(m, spec, spg, zero_fractions, layers=None) -> list[dict]:
     rows = []
     for z in zero_fractions:
         for path, c in compose(m, spec, spg, z, layers).items():
-            if path == "offpolicy" and z:
-                continue  # off-policy, DGPO scores every completion whatever the rewards
             s, p = c["seconds"], c["peak_bytes"]
             rows.append(dict(path=path, zero_fraction=z, grpo_beta0_s=s["grpo_beta0"],
                              grpo_beta004_s=s["grpo_beta0.04"], dgpo_s=s["dgpo"],
@@ -285,7 +286,7 @@ def main():
                         help="prompt tokens (default: the mean over bench_steps' prompts)")
     parser.add_argument("--max-completion-length", type=int, default=16)
     parser.add_argument("--steps-per-generation", type=int, default=PATHS["offpolicy"])
-    parser.add_argument("--zero-fractions", type=float, nargs="+", default=[0.0, 0.4])
+    parser.add_argument("--zero-fractions", type=float, nargs="+", default=[0.0, 0.4, 0.6])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")

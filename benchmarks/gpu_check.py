@@ -16,6 +16,11 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                the guard of `token_statistics`' default dispatch on the same inputs (the kernel's first run checked
                against the torch tiles: passed or not, the largest difference, which path ran, no re-check on a second
                call); and an ahead-of-time compile of the kernel for sm_90 (which the CPU dry run can do too).
+- exactness:   DGPO where users train, on the GPU (tiny models, seconds each): the first micro-step after a
+               generation (steps_per_generation 2) in bf16 weights and under bf16 autocast, on a model whose logits
+               exceed 15: max |log pi_theta - old_per_token_logps| must be exactly 0 (TRL's own log-probs), as
+               GRPOTrainer's; and step-1 `dgpo/divergence/max` exactly 0 with dropout in the policy (nn.Dropout
+               modules, a config's attention_dropout, LoRA dropout on a pretrained adapter).
 - divergence:  `benchmarks/bench_divergence.py`'s cases at V = 151936, H = 896 and 3584, N 2048/8192/16384, bf16: the
                fused kernel and the torch tiles against the two-matmul floor (target <= 1.15x), and the extra memory
                per added token (independent of N: a few bytes per token, the outputs; the naive pass needs 8 V).
@@ -55,13 +60,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-SECTIONS = ("environment", "parity", "divergence", "liger", "steps")
+SECTIONS = ("environment", "parity", "exactness", "divergence", "liger", "steps")
 # Seconds each section may take at most on the GPU (the kit's budget caps the sum); the dry run takes seconds
-SECTION_LIMITS = {"environment": 90, "parity": 150, "divergence": 150, "liger": 120, "steps": 300}
+SECTION_LIMITS = {"environment": 90, "parity": 150, "exactness": 90, "divergence": 150, "liger": 120, "steps": 300}
 # On a GPU every section gets its own process; on the dry run the three torch-only sections share one and the two
 # that import TRL another (TRL's import takes seconds to tens of seconds where vLLM is installed)
-GROUPS_GPU = [["environment"], ["parity"], ["divergence"], ["liger"], ["steps"]]
-GROUPS_DRY = [["environment", "parity", "divergence"], ["liger", "steps"]]
+GROUPS_GPU = [["environment"], ["parity"], ["exactness"], ["divergence"], ["liger"], ["steps"]]
+GROUPS_DRY = [["environment", "parity", "divergence"], ["exactness", "liger", "steps"]]
 PACKAGES = ("torch", "triton", "transformers", "trl", "datasets", "accelerate", "peft", "liger-kernel", "tokenizers",
             "numpy", "pyarrow")
 
@@ -437,6 +442,102 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
     return {k: captured.get(k) for k in keys} | {"policy_dtype": policy_dtype, "ref_dtype": ref_dtype}
 
 
+def _exactness_config(out_dir, device, **overrides):
+    import torch
+
+    from dgpo_trl import DGPOConfig
+
+    fields = dict(output_dir=out_dir, per_device_train_batch_size=16, num_generations=4, max_completion_length=8,
+                  max_steps=1, logging_steps=1, learning_rate=3e-4, bf16=False, gradient_checkpointing=False,
+                  report_to="none", save_strategy="no", seed=0, disable_tqdm=True, use_cpu=device.type == "cpu",
+                  model_init_kwargs={"dtype": torch.float32})  # fmt: skip
+    fields.update(overrides)
+    return DGPOConfig(**fields)
+
+
+def _first_micro_step_log_ratio(trainer) -> list[float]:
+    """max |log pi_theta - old_per_token_logps| on the first micro-step of each generation batch, pi_theta by TRL's
+    own method on the model as it is then."""
+    import torch
+    from trl import GRPOTrainer
+
+    ratios, compute_loss = [], trainer._compute_loss
+
+    def spy(model, inputs):
+        if trainer._step % trainer.args.steps_per_generation == 0:
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            with torch.no_grad():
+                logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                    trainer, model, ids, mask, inputs["completion_ids"].size(1))
+            valid = inputs["completion_mask"].bool()
+            ratios.append((logps - inputs["old_per_token_logps"])[valid].abs().max().item())
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    return ratios
+
+
+def section_exactness(dry: bool, device) -> dict:
+    """The bf16 log-probs TRL receives, and dropout-free divergences, on the device (see the module docstring)."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers import PreTrainedTokenizerFast
+
+    from bench_steps import ControlledReward
+    from dgpo_trl import DGPOTrainer
+    from dgpo_trl.tasks import reversal_dataset
+    from dgpo_trl.tiny import build_tiny_model
+
+    result, problems = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        sharp = build_tiny_model(Path(tmp) / "sharp", hidden_size=64, num_layers=2, seed=0, initializer_range=0.6)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(sharp)
+        regimes = {"fp32": {}}
+        if device.type == "cuda":
+            regimes = {"bf16_weights": {"model_init_kwargs": {"dtype": torch.bfloat16}}, "bf16_autocast": {"bf16": True}}
+        for name, overrides in regimes.items():
+            args = _exactness_config(f"{tmp}/{name}", device, steps_per_generation=2, max_steps=4, **overrides)
+            trainer = DGPOTrainer(sharp, ControlledReward(0.0, 4), args=args, processing_class=tokenizer,
+                                  train_dataset=reversal_dataset(64, seed=3))  # fmt: skip
+            result[f"log_ratio_{name}"] = ratios = _first_micro_step_log_ratio(trainer)
+            if any(r != 0.0 for r in ratios):
+                problems.append(f"first-micro-step log ratio {ratios} in {name}, not exactly 0")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        plain = build_tiny_model(Path(tmp) / "plain", hidden_size=64, num_layers=2, seed=0)
+        config = transformers.AutoConfig.from_pretrained(plain)
+        config.attention_dropout = 0.3
+        config.save_pretrained(Path(tmp) / "plain_attention_dropout")
+        transformers.AutoModelForCausalLM.from_pretrained(plain).save_pretrained(Path(tmp) / "plain_attention_dropout")
+        tokenizer.save_pretrained(Path(tmp) / "plain_attention_dropout")
+        lora = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=dtype),
+                              LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+        with torch.no_grad():
+            for param_name, param in lora.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.5)
+        kinds = {"attention_dropout": (str(Path(tmp) / "plain_attention_dropout"),
+                                       {"disable_dropout": True, "model_init_kwargs": {"dtype": dtype}}),
+                 "lora_dropout": (lora, {"model_init_kwargs": None})}  # fmt: skip
+        for kind, (model, overrides) in kinds.items():
+            args = _exactness_config(f"{tmp}/{kind}", device, bf16=device.type == "cuda", **overrides)
+            trainer = DGPOTrainer(model, ControlledReward(0.0, 4), args=args, processing_class=tokenizer,
+                                  train_dataset=reversal_dataset(64, seed=3))  # fmt: skip
+            trainer.train()
+            divergence = [row["dgpo/divergence/max"] for row in trainer.state.log_history if "dgpo/divergence/max" in row]
+            result[f"divergence_{kind}"] = divergence
+            if divergence != [0.0]:
+                problems.append(f"step-1 dgpo/divergence/max {divergence} with {kind}, not 0")
+    _log(f"  {json.dumps(result)}")
+    result["targets"] = [dict(target="first-micro-step log ratio exactly 0; step-1 divergence 0 under dropout",
+                              measured=dict(result), met=not problems)]  # fmt: skip
+    if problems:
+        raise SectionFailed("; ".join(problems), result)
+    return result
+
+
 def section_liger(dry: bool, device) -> dict:
     import torch
     from transformers import PreTrainedTokenizerFast
@@ -700,6 +801,10 @@ def summarize(report: dict) -> dict:
                 lines.append(f"    {row['method']} H={row['H']}: {row['ratio_min']:.3f}-{row['ratio_max']:.3f} x floor"
                              f", extra memory {row['mem_first_mib']:.1f} -> {row['mem_last_mib']:.1f} MiB "
                              f"(N {row['N_range']})")
+        if name == "exactness":
+            for key, value in result.items():
+                if key != "targets":
+                    lines.append(f"    {key}: {value}")
         if name == "liger":
             for run in ("control", "liger"):
                 if isinstance(result.get(run), dict):

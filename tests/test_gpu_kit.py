@@ -41,7 +41,7 @@ def test_dry_run_writes_every_section(dry_run):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert report is not None and (out / "gpu_check.log").stat().st_size > 0
     assert report["dry_run"] is True
-    assert list(report["sections"]) == ["environment", "parity", "divergence", "liger", "steps"]
+    assert list(report["sections"]) == ["environment", "parity", "divergence", "exactness", "liger", "steps"]
     for name, record in report["sections"].items():
         assert record["status"] == "passed", (name, record.get("error"), record.get("traceback"))
         assert record["seconds"] >= 0
@@ -93,6 +93,11 @@ def test_dry_run_values_are_sane(dry_run):
     assert {row["method"] for row in timed} >= {"floor_tiles", "floor_large", "tiles", "naive"}
     assert all(row["time_ms"] > 0 and math.isfinite(row["ratio_to_floor"]) for row in timed)
     assert divergence["targets"] and all(t["met"] is None for t in divergence["targets"])  # dry run: not judged
+
+    exactness = sections["exactness"]
+    # On CPU: fp32 only (bf16 is the GPU run's); TRL's log-probs exactly, no dropout in the divergence
+    assert exactness["log_ratio_fp32"] == [0.0, 0.0], exactness
+    assert exactness["divergence_attention_dropout"] == [0.0] and exactness["divergence_lora_dropout"] == [0.0]
 
     liger = sections["liger"]
     # The control step (no Liger) runs on CPU: pi_theta == pi_ref at step 1, so every divergence is exactly 0
