@@ -14,6 +14,7 @@ import numpy as np
 import transformers
 from trl import GRPOConfig
 
+from .accelerate_cpu_fsdp import check_cpu_fsdp_launch
 from .functional import DEFAULT_CHUNK_SIZE, ENTROPY_GATES, SCORES
 
 
@@ -133,6 +134,7 @@ class DGPOConfig(GRPOConfig):
         # Plain Python numbers from here on (a numpy float32 passed in would not serialize to JSON with the arguments)
         self.dgpo_tau, self.dgpo_kappa, self.dgpo_chunk_size = settings.tau, settings.kappa, settings.chunk_size
         self.dgpo_target_ess, self.dgpo_skip_zero_advantage = settings.target_ess, settings.skip_zero_advantage
+        check_cpu_fsdp_launch(self.use_cpu)  # before super() sets up accelerate's state: CPU FSDP, refused or patched
         super().__post_init__()
 
 
