@@ -96,9 +96,10 @@ test-vllm: install vllm-env
 demo: install
 	$(PY) examples/demo.py
 
-# The GPU kit (benchmarks/gpu_check.py; docs/performance.md). gpu-wheels, here: the wheels a lent GPU machine lacks,
-# into .whl/ (carry it). gpu-check, there: installs them aside (its torch/transformers untouched) and runs every GPU
-# check, writing $$OUT/gpu_check.json and gpu_check.log. It needs no venv: GPU_PYTHON is the machine's own python3.
+# The GPU kit (benchmarks/gpu_check.py; docs/performance.md), for a GPU machine without network access. gpu-wheels,
+# on a machine with PyPI: the wheels the GPU machine lacks, into .whl/ (copy it with the tree). gpu-check, on the GPU
+# machine: installs them aside (its torch/transformers untouched) and runs every GPU check, writing gpu_check.json and
+# gpu_check.log under --out (GPU_CHECK_ARGS="--out DIR"). It needs no venv: GPU_PYTHON is the machine's own python3.
 GPU_PYTHON ?= python3
 .PHONY: gpu-wheels gpu-check
 gpu-wheels: install

@@ -224,7 +224,7 @@ def sweep_configs(args, device, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three CPU cases (~3-4 minutes on 2 cores)")
-    parser.add_argument("--full", action="store_true", help="the issue's full grid (meant for a GPU)")
+    parser.add_argument("--full", action="store_true", help="the full grid (meant for a GPU)")
     parser.add_argument("--n", type=int, nargs="+", help="token counts (overrides the preset)")
     parser.add_argument("--v", type=int, nargs="+", help="vocabulary sizes (overrides the preset)")
     parser.add_argument("--h", type=int, nargs="+", help="hidden sizes (overrides the preset)")

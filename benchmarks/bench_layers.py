@@ -151,7 +151,7 @@ def measure_head(spec, tokens: dict, rows: dict, completion: int, repeats: int, 
             ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
 
             def divergence():
-                return token_statistics(hidden, weight, ref_hidden, ref_weight, labels)
+                return token_statistics(hidden, weight, ref_hidden, ref_weight)  # the trainer asks for no labels
 
             out[("divergence", name)] = timed(divergence, repeats, device)
             out[("divergence_bytes", name)] = peak_extra_memory(divergence, device)
@@ -213,8 +213,12 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
       generation      = bb(generate) + generate_head
       GRPO(beta=0)    = generation + spg x train step [+ bb(forward) + head_policy: old log-probs, when spg > 1]
       GRPO(beta=0.04) = GRPO(beta=0) + bb(forward) + head_reference
-      DGPO, aligned   = GRPO(beta=0) + (1 - z) x (bb(forward) + div)          (z: zero-advantage fraction)
-      DGPO, spg > 1   = GRPO(beta=0) - head_policy + bb(forward) + div        (its pass answers TRL's old log-probs)
+      DGPO            = GRPO(beta=0) + s x (bb(forward) + div)   (s: the scored fraction, 1 - z on the aligned path
+                                                                  with z the zero-advantage fraction, 1 at spg > 1:
+                                                                  TRL's old-log-prob pass runs as GRPO's, and DGPO
+                                                                  takes the policy's hidden states from it)
+      DGPO, dropout   = DGPO + s x bb(forward)                   (a policy whose train-mode forward has dropout: the
+                                                                  statistics' dropout-free policy forward)
       floor           = 1 + DGPO's reference backbone / GRPO(beta=0)
     """
     layers = spec["layers"] if layers is None else layers
@@ -237,15 +241,14 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
         base = generate + steps * train_step + old
         reference = bb("forward", name)
         scored = 1.0 - zero_fraction if steps == 1 else 1.0
-        dgpo = (base + scored * (reference + head[("divergence", name)]) if steps == 1
-                else base - head[("head_policy", name)] + reference + head[("divergence", name)])
+        dgpo = base + scored * (reference + head[("divergence", name)])
         train_peak = activations + head[("head_train_bytes", "step")]
         # DGPO's aligned-path pass runs at loss time, with the training forward's activations alive
         dgpo_peak = max(train_peak, activations + head[("divergence_bytes", name)]) if steps == 1 else max(
             train_peak, head[("divergence_bytes", name)])
         out[path] = dict(
             seconds={"grpo_beta0": base, "grpo_beta0.04": base + reference + head[("head_reference", name)],
-                     "dgpo": dgpo},
+                     "dgpo": dgpo, "dgpo_dropout": dgpo + scored * bb("forward", name)},
             floor=1.0 + scored * reference / base,
             peak_bytes={"grpo_beta0.04": resident + train_peak, "dgpo": resident + dgpo_peak,
                         "grpo_beta0": resident * 4 / 5 + train_peak},
@@ -267,6 +270,7 @@ def projection_rows(m, spec, spg, zero_fractions, layers=None) -> list[dict]:
                              grpo_beta004_s=s["grpo_beta0.04"], dgpo_s=s["dgpo"],
                              dgpo_over_grpo004=s["dgpo"] / s["grpo_beta0.04"],
                              dgpo_over_grpo0=s["dgpo"] / s["grpo_beta0"], floor=c["floor"],
+                             dgpo_dropout_over_grpo004=s["dgpo_dropout"] / s["grpo_beta0.04"],
                              peak_gib_grpo004=p["grpo_beta0.04"] / 2**30, peak_gib_dgpo=p["dgpo"] / 2**30,
                              peak_ratio=p["dgpo"] / p["grpo_beta0.04"],
                              **{f"{k}_s": v for k, v in c["parts"].items()}))
@@ -293,7 +297,8 @@ def main():
     device = torch.device(args.device)
     spec = SHAPES[args.shape]
     if args.prompt_length is None:
-        from dgpo_trl.tiny import build_tokenizer, reversal_dataset
+        from dgpo_trl.tasks import reversal_dataset
+        from dgpo_trl.tiny import build_tokenizer
 
         tokenizer = build_tokenizer()
         args.prompt_length = round(statistics.fmean(
@@ -319,7 +324,8 @@ def main():
     print(format_table(measured, ["what", "per_layer", "constant", "value"]))
     print(f"\n# PROJECTION at {spec['layers']} layers (composed from the pieces above; not a trainer run)")
     print(format_table(projected, ["path", "zero_fraction", "grpo_beta0_s", "grpo_beta004_s", "dgpo_s",
-                                   "dgpo_over_grpo004", "dgpo_over_grpo0", "floor", "peak_gib_grpo004",
+                                   "dgpo_over_grpo004", "dgpo_over_grpo0", "floor", "dgpo_dropout_over_grpo004",
+                                   "peak_gib_grpo004",
                                    "peak_gib_dgpo", "peak_ratio"]))
     meta.update(measured=measured, seconds=time.perf_counter() - start, load_average_at_end=os.getloadavg(),
                 parameters=parameter_count(spec))

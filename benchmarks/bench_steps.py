@@ -9,8 +9,8 @@ the number of rounds a +-3% resolution would need; and again "at the same genera
 its own generation time, the same work in every variant: it cancels a host whose speed drifts between processes).
 Targets are judged met or missed on the mean, and resolved only when the whole 95% interval is on one side. Why
 processes, not threads in one process: identical work costs the same in every process, whereas in one shared process
-it did not (docs/performance.md: GRPO(beta=0.04)'s generation and training steps measured 20-40% slower there); peak
-memory is the process's own; and at Qwen2.5-0.5B's shape three trainers do not fit in 24 GiB at once.
+it did not (the allocator's state, shared by every trainer, gave each a different number of page faults: CHANGELOG.md,
+0.1.0); peak memory is the process's own; and at Qwen2.5-0.5B's shape three trainers do not fit in 24 GiB at once.
 
 Model: random-init Qwen2-shaped causal LMs (`SHAPES`; tied embeddings like Qwen2.5-0.5B) with the character
 tokenizer. At V = 151,936 a random model practically never samples its end-of-sequence token, so every completion
@@ -48,8 +48,9 @@ Configurations (`--configs PATH:ZERO:HEAD ...`):
 Memory allocator (`--allocator`): by default (`reuse`) the measuring processes run glibc with mmap and heap trimming
 off, so freed memory is reused as torch's CUDA caching allocator reuses its blocks. With glibc's defaults (`glibc`)
 every block above its mmap threshold gets fresh pages from the kernel and returns them at free, so each large tensor
-costs page faults on every use: on the virtual machines this was built on, 15-30% of a tiny-shape cycle's CPU time,
-different per trainer, and none of it on a GPU. Each cycle also records the process's CPU time and minor page faults.
+costs page faults on every use: on virtual machines that hand freed pages back to their host, a share of CPU time
+that differs per trainer, and none of it on a GPU. Each cycle also records the process's CPU time and minor page
+faults.
 
 Peak memory: on CPU the process's peak resident set (VmHWM) from the start of `train()` (reset through
 /proc/self/clear_refs), so the model loading's transient is left out and the resident policy, reference and optimizer
@@ -57,7 +58,7 @@ state are in; on a GPU torch.cuda.max_memory_allocated from the same point.
 
     python benchmarks/bench_steps.py --shape tiny --rounds 6          # 1 torch thread per process; ~4 min a round
     python benchmarks/bench_steps.py --shape qwen2.5-0.5b --rounds 5  # 2 threads, ~12 GiB per process; ~20 min a round
-    python benchmarks/bench_steps.py --report benchmarks/results/steps_tiny_cpu.runs.jsonl   # tables of a run
+    python benchmarks/bench_steps.py --report benchmarks/results/steps_qwen2.5-0.5b_cpu_epyc.runs.jsonl  # tables
 Every finished process is appended to `<out>/<stem>.runs.jsonl`; running the same command again resumes: it skips
 what is there and adds rounds up to `--rounds`.
 """
@@ -248,7 +249,7 @@ def measure(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     wall_start = time.perf_counter()
     load_start = os.getloadavg()
@@ -618,7 +619,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def targets(ratios: list[dict]) -> list[dict]:
-    """The issue's targets, judged on the figures that carry to a GPU (TRL projecting completion positions only)."""
+    """The targets of docs/performance.md, judged on the figures that carry to a GPU (TRL projecting completion
+    positions only)."""
     found = {(r["config"], r["ratio"]): r for r in ratios}
     out = []
     for key, entry in found.items():

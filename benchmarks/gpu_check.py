@@ -1,7 +1,8 @@
-"""The GPU kit: every GPU check of DGPO in one command, for a lent machine that may come once, for minutes.
+"""The GPU kit: every GPU check of DGPO in one command, for a CUDA machine without network access.
 
-    python3 benchmarks/gpu_check.py                 # on the GPU machine (or: make gpu-check); 5-6 min estimated
-    python benchmarks/gpu_check.py --dry-run        # the same code paths on CPU with tiny shapes (seconds)
+    make gpu-wheels                            # on a machine with PyPI: the wheels the GPU machine lacks, in .whl/
+    python3 benchmarks/gpu_check.py --out DIR  # on the GPU machine (or: make gpu-check GPU_CHECK_ARGS="--out DIR")
+    python benchmarks/gpu_check.py --dry-run   # the same code paths on CPU with tiny shapes (seconds)
 
 Sections, each run in its own Python process (a CUDA fault or a hang in one cannot take the others down; each has a
 time limit inside the kit's overall budget, --budget-s, 480 s by default), in this order:
@@ -12,7 +13,9 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                torch tiles, fp32, bf16 and fp16, CUDA tests included; the Triton-interpreter test is left to
                `make test`), then the kernel's numerics at an LM's size (N 1024, V 151936, H 896, fp32 and bf16
                inputs): the largest absolute error of each statistic against the float64 reference on the same inputs;
-               and an ahead-of-time compile of the kernel for sm_90 (which the CPU dry run can do too).
+               the guard of `token_statistics`' default dispatch on the same inputs (the kernel's first run checked
+               against the torch tiles: passed or not, the largest difference, which path ran, no re-check on a second
+               call); and an ahead-of-time compile of the kernel for sm_90 (which the CPU dry run can do too).
 - divergence:  `benchmarks/bench_divergence.py`'s cases at V = 151936, H = 896 and 3584, N 2048/8192/16384, bf16: the
                fused kernel and the torch tiles against the two-matmul floor (target <= 1.15x), and the extra memory
                per added token (independent of N: a few bytes per token, the outputs; the naive pass needs 8 V).
@@ -22,18 +25,18 @@ time limit inside the kit's overall budget, --budget-s, 480 s by default), in th
                configurations), at the random-init Qwen2.5-0.5B shape (bf16, V = 151936): DGPO vs GRPO(beta=0.04) vs
                GRPO(beta=0), aligned (every completion scored, and 40% zero-advantage groups) and off-policy
                (steps_per_generation 2), one process per trainer, as many rounds (up to 3) as fit in the section's
-               time, torch.cuda.max_memory_allocated. Its runs file lands in `$OUT/steps/`.
+               time, torch.cuda.max_memory_allocated. Its runs file lands in `DIR/steps/`.
 
 A failing section is recorded (status "failed", the error, the end of its output) and the kit goes on. Everything
-lands in `$OUT/gpu_check.json` and `$OUT/gpu_check.log` (`--out DIR` where $OUT is unset; default
-benchmarks/results/gpu_check/, or a temporary folder for the dry run). The exit status is 1 if any section failed,
-after both files are written.
+lands in `DIR/gpu_check.json` and `DIR/gpu_check.log` (`--out DIR`; default benchmarks/results/gpu_check/, or a
+temporary folder for the dry run). The exit status is 1 if any section failed, after both files are written.
 
-Packages: the lent machine's image has torch (CUDA), Triton, transformers, accelerate and peft but no TRL, datasets or
-liger-kernel, and no network. `benchmarks/gpu_wheels.sh` (`make gpu-wheels`) puts their wheels in `.whl/` here; the
-device call carries `.whl`; this script installs them with `pip install --no-index --no-deps --target` into a
-private folder put first on PYTHONPATH (the image's torch and transformers are never touched), and runs dgpo-trl from
-the working tree.
+Packages: the GPU machine needs Python (3.12 unless the wheels were built for another: `GPU_PYTHON_VERSION`), a CUDA
+build of torch, Triton, transformers, accelerate and peft, and datasets' own dependencies (see
+`benchmarks/gpu_wheels.sh`); it may lack TRL, datasets and liger-kernel. `make gpu-wheels` puts their wheels in
+`.whl/`, which travels with the working tree; this script installs them with `pip install --no-index --no-deps
+--target` into a private folder put first on PYTHONPATH (the machine's torch and transformers are never touched;
+`--install no` skips it where those packages are installed), and runs dgpo-trl from the working tree.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ def section_parity(dry: bool, device) -> dict:
     # Tolerances: both sides take the same (bf16 or fp32) inputs and accumulate in fp32, so the error is the fp32
     # summation order over H products and V terms (the CUDA tests use 2e-5 to 3e-4 at V 301-32003)
     tolerance = 1e-3
+    guard = []
     for dtype in (torch.float32, torch.bfloat16):
         h_p, w_p, h_q, w_q, labels = make_inputs(n, vocab, hidden, dtype, device)
         want = token_statistics_reference(h_p, w_p, h_q, w_q, labels)
@@ -185,19 +189,67 @@ def section_parity(dry: bool, device) -> dict:
             numerics.append(row)
             if not row["within_tolerance"]:
                 problems.append(f"{method} {row['dtype']}: max abs error {row['max_abs_err']:.2e} > {tolerance}")
+        guard.append(kernel_guard_check(h_p, w_p, h_q, w_q, labels, device))
+        if fused and not (guard[-1]["paths"] == ["fused", "fused"] and guard[-1]["checks"] == 1
+                          and guard[-1]["passed"] and not guard[-1]["warnings"]):
+            problems.append(f"kernel guard {guard[-1]['dtype']}: {guard[-1]}")
         del h_p, w_p, h_q, w_q, labels, want, got
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not fused:
         result["fused_numerics"] = "skipped: the fused kernel needs a CUDA device and Triton"
-    result.update(numerics=numerics, tolerance=tolerance)
+    result.update(numerics=numerics, tolerance=tolerance, kernel_guard=guard)
     for row in numerics:
         _log(f"  {row['method']:5s} {row['dtype']:8s} N={n} V={vocab} H={hidden}: max abs error "
              + ", ".join(f"{f} {row[f + '_max_abs_err']:.1e}" for f in TokenStatistics._fields))
+    for row in guard:
+        _log(f"  kernel guard {row['dtype']}: {_guard_line(row)}")
     if problems:
         result["problems"] = problems
         raise SectionFailed("; ".join(problems), result)
     return result
+
+
+def kernel_guard_check(h_p, w_p, h_q, w_q, labels, device) -> dict:
+    """Two calls of `token_statistics`' default dispatch on these inputs, as a training run's first two divergence
+    passes meet them: on CUDA the first runs the kernel and checks its first token chunk against the torch tiles
+    (passed or not, the statistic that differed most and its largest difference, the tolerance), the second runs it
+    without re-checking; which path each ran; the guard's warnings. On CPU the default dispatch runs the tiles."""
+    import warnings
+
+    import torch
+
+    from dgpo_trl import functional
+
+    functional._KERNEL_CHECKS.clear()  # a first call in this process for these inputs (the pytest run made others)
+    paths, seconds = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            functional.token_statistics(h_p, w_p, h_q, w_q, labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+            paths.append(functional.last_divergence_path())
+    checks = list(functional._KERNEL_CHECKS.values())
+    row = dict(dtype=str(h_p.dtype).removeprefix("torch."), paths=paths, first_call_s=seconds[0],
+               second_call_s=seconds[1], checks=len(checks),
+               warnings=[str(w.message) for w in caught if "fused Triton kernel" in str(w.message)])
+    if checks:
+        row.update(checks[0]._asdict())
+    return row
+
+
+def _guard_line(row: dict) -> str:
+    if not row.get("checks"):
+        return f"paths {row['paths']}, no check (the default dispatch runs the kernel on CUDA only)"
+    found = row["error"] or (f"largest difference {row['difference']:.1e} ({row['field']}, "
+                             f"tolerance {row['tolerance']})")
+    return (f"first call {'verified' if row['passed'] else 'FELL BACK'}: {found}; paths {row['paths']}, "
+            f"{row['checks']} check(s), {row['first_call_s'] * 1e3:.0f} / {row['second_call_s'] * 1e3:.0f} ms")
 
 
 def compile_for_hopper() -> dict:
@@ -339,7 +391,7 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
 
     from bench_steps import ControlledReward
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     captured = {}
 
@@ -437,11 +489,10 @@ def section_steps(dry: bool, device, partial_path: Path) -> dict:
                 "--batch", "4", "--generations", "4", "--max-completion-length", "4",
                 "--timed-cycles", '{"aligned": 2, "offpolicy": 1}', "--warmup-cycles", '{"aligned": 1, "offpolicy": 1}']
     else:
-        # As many rounds as fit in the section's time (a round is 9 processes: 3 configurations x 3 trainers)
         # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
         limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
         argv = ["--shape", "qwen2.5-0.5b", "--rounds", "3", "--budget-s", f"{limit - 30:.0f}"]
-    # The kit's output folder ($OUT on the device machine: it comes back), which the parent passes down
+    # The kit's output folder, which the parent passes down: whatever finished is kept there
     out = Path(os.environ.get("DGPO_GPU_CHECK_OUT", partial_path.parent)) / "steps"
     argv += ["--device", device.type, "--out", str(out), "--stem", "steps_gpu_check"]
     args = bench_steps.resolve(bench_steps.build_parser().parse_args(argv))
@@ -519,12 +570,20 @@ def install_wheels(wheel_dir: Path, target: Path, log) -> dict:
                 **({"error": (proc.stdout + proc.stderr)[-2000:]} if proc.returncode else {}))
 
 
+def output_dir(out: Path | None, dry_run: bool) -> Path:
+    """`--out`, else the results folder; a dry run's tiny-shape numbers go to the temporary folder instead."""
+    if out is not None:
+        return out
+    return Path(tempfile.gettempdir()) / "dgpo_gpu_check_dry" if dry_run else BENCH / "results" / "gpu_check"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no wheel install (seconds)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", type=Path, default=None,
-                        help="default: $OUT, else benchmarks/results/gpu_check (dry run: $TMPDIR/dgpo_gpu_check_dry)")
+                        help="where the JSON, the log and steps/ go (default: benchmarks/results/gpu_check; dry run: "
+                             "$TMPDIR/dgpo_gpu_check_dry)")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheels to install first (GPU runs)")
     parser.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "dgpo_gpu_site",
                         help="where the wheels are installed (put first on PYTHONPATH)")
@@ -539,13 +598,7 @@ def main():
         return
 
     start = time.perf_counter()
-    # $OUT on the device machine; otherwise the results folder (a dry run's tiny numbers go to the temp folder)
-    if args.out:
-        out = args.out
-    elif os.environ.get("OUT"):
-        out = Path(os.environ["OUT"])
-    else:
-        out = Path(tempfile.gettempdir()) / "dgpo_gpu_check_dry" if args.dry_run else BENCH / "results" / "gpu_check"
+    out = output_dir(args.out, args.dry_run)
     out.mkdir(parents=True, exist_ok=True)
     log_path, json_path = out / "gpu_check.log", out / "gpu_check.json"
     log_file = log_path.open("w")
@@ -624,7 +677,7 @@ def main():
 
 
 def summarize(report: dict) -> dict:
-    """The headline numbers of each section, as lines (printed last: the device tool returns the output's tail)."""
+    """The headline numbers of each section, as lines (printed last, so that the output's tail holds them)."""
     lines, targets = [], []
     sections = report["sections"]
     for name, record in sections.items():
@@ -640,6 +693,8 @@ def summarize(report: dict) -> dict:
             lines.append(f"    pytest: {result.get('counts')}")
             for row in result.get("numerics", []):
                 lines.append(f"    {row['method']} {row['dtype']}: max abs error {row['max_abs_err']:.1e}")
+            for row in result.get("kernel_guard", []):
+                lines.append(f"    kernel guard {row['dtype']}: {_guard_line(row)}")
         if name == "divergence":
             for row in result.get("summary", []):
                 lines.append(f"    {row['method']} H={row['H']}: {row['ratio_min']:.3f}-{row['ratio_max']:.3f} x floor"

@@ -32,7 +32,7 @@ def _check_trl_version() -> None:
 _check_trl_version()
 
 from .functional import (  # noqa: E402
-    SCORES,
+    DIVERGENCES,
     TokenStatistics,
     effective_sample_size,
     token_divergence_and_entropy,
@@ -47,7 +47,7 @@ from .functional import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCORES",
+    "DIVERGENCES",
     "DGPOConfig",
     "DGPOTrainer",
     "TokenStatistics",

@@ -15,7 +15,7 @@ import transformers
 from trl import GRPOConfig
 
 from .accelerate_cpu_fsdp import check_cpu_fsdp_launch
-from .functional import DEFAULT_CHUNK_SIZE, ENTROPY_GATES, SCORES
+from .functional import DEFAULT_CHUNK_SIZE, DIVERGENCES, ENTROPY_GATES
 
 
 # TRL 1.16's GRPO loss types; each multiplies per-token advantages into a per-token loss.
@@ -52,10 +52,16 @@ class DGPOConfig(GRPOConfig):
             151,936 tokens): at the same tau the nats gate spreads the weights like the normalized gate at
             tau / (log|V|) ** kappa. Which one the paper's tau range (0.5-1) was tuned with is not stated; see
             `docs/results.md` for what each does at LLM vocabulary sizes.
-        dgpo_score (`str`, *optional*, defaults to `"hellinger"`):
-            Token divergence d_t. `"hellinger"`: squared Hellinger distance to the reference, bounded in [0, 1] (the
-            paper's method). `"reverse_kl"`: KL(pi_theta || pi_ref), unbounded (the paper's ablation). `"uniform"`:
-            w_t = 1 for every token, i.e. GRPO without KL (a sanity switch; no reference model is loaded for it).
+        dgpo_divergence (`str`, *optional*, defaults to `"hellinger"`):
+            Token divergence d_t between the policy and the reference. `"hellinger"`: the squared Hellinger distance,
+            bounded in [0, 1] (the paper's method). `"reverse_kl"`: KL(pi_theta || pi_ref), unbounded (the paper's
+            ablation).
+        dgpo_uniform_weights (`bool`, *optional*, defaults to `False`):
+            w_t = 1 for every token instead of DGPO's weights, i.e. GRPO without KL: a sanity switch. No reference
+            model is loaded for it.
+        dgpo_score (`str` or `None`, *optional*, defaults to `None`):
+            Deprecated alias, removed in the next release: `"hellinger"` and `"reverse_kl"` set `dgpo_divergence`,
+            `"uniform"` sets `dgpo_uniform_weights=True`, with a `FutureWarning` naming the new field.
         dgpo_chunk_size (`int`, *optional*, defaults to `8192`):
             Vocabulary tile width of the divergence pass. The pass never holds more than one tile of
             (tokens x `dgpo_chunk_size`) logits per model; smaller tiles use less memory, larger tiles fewer kernels.
@@ -89,12 +95,23 @@ class DGPOConfig(GRPOConfig):
             "ablation); the paper finds a moderate value best. Must be finite and >= 0."
         },
     )
-    dgpo_score: str = field(
+    dgpo_divergence: str = field(
         default="hellinger",
         metadata={
-            "help": "Token divergence: 'hellinger' (bounded, the paper's method), 'reverse_kl' (the paper's "
-            "ablation) or 'uniform' (w = 1: GRPO without KL, a sanity switch).",
-            "choices": list(SCORES),
+            "help": "Token divergence d_t: 'hellinger' (squared Hellinger, bounded, the paper's method) or "
+            "'reverse_kl' (KL(pi_theta || pi_ref), the paper's ablation).",
+            "choices": list(DIVERGENCES),
+        },
+    )
+    dgpo_uniform_weights: bool = field(
+        default=False,
+        metadata={"help": "w = 1 for every token (GRPO without KL): a sanity switch; loads no reference model."},
+    )
+    dgpo_score: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias: 'hellinger' / 'reverse_kl' set dgpo_divergence, 'uniform' sets "
+            "dgpo_uniform_weights=True (with a FutureWarning). Removed in the next release.",
         },
     )
     dgpo_entropy: str = field(
@@ -130,10 +147,12 @@ class DGPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        _apply_deprecated_score(self)
         settings = validate_dgpo_arguments(self)
         # Plain Python numbers from here on (a numpy float32 passed in would not serialize to JSON with the arguments)
         self.dgpo_tau, self.dgpo_kappa, self.dgpo_chunk_size = settings.tau, settings.kappa, settings.chunk_size
         self.dgpo_target_ess, self.dgpo_skip_zero_advantage = settings.target_ess, settings.skip_zero_advantage
+        self.dgpo_uniform_weights = settings.uniform_weights
         check_cpu_fsdp_launch(self.use_cpu)  # before super() sets up accelerate's state: CPU FSDP, refused or patched
         super().__post_init__()
 
@@ -143,23 +162,51 @@ class DGPOArguments(NamedTuple):
 
     tau: float
     kappa: float
-    score: str
-    entropy_gate: str
+    divergence: str
+    entropy: str
     chunk_size: int
     target_ess: float | None
     skip_zero_advantage: bool
+    uniform_weights: bool
 
 
-def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
+def _apply_deprecated_score(args) -> None:
+    """Maps the deprecated `dgpo_score` onto `dgpo_divergence` / `dgpo_uniform_weights`, with a warning, once."""
+    score = getattr(args, "dgpo_score", None)
+    if score is None:
+        return
+    if score == "uniform":
+        replacement = "dgpo_uniform_weights=True"
+        args.dgpo_uniform_weights = True
+    elif score in DIVERGENCES:
+        replacement = f"dgpo_divergence={score!r}"
+        args.dgpo_divergence = score
+    else:
+        raise ValueError(
+            f"dgpo_score (deprecated: use dgpo_divergence, one of {list(DIVERGENCES)}, or dgpo_uniform_weights=True) "
+            f"must be one of {[*DIVERGENCES, 'uniform']}, got {_shown(score)}."
+        )
+    args.dgpo_score = None
+    warnings.warn(
+        f"dgpo_score is deprecated and will be removed in the next release: use {replacement} instead.",
+        FutureWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+def validate_dgpo_arguments(args, warn: bool = True, fixed_uniform_weights: bool | None = None) -> DGPOArguments:
     """Checks DGPO's fields (and the TRL fields DGPO constrains) on a `DGPOConfig` or a plain `GRPOConfig`.
 
     A `GRPOConfig` has no `dgpo_*` fields and gets `DGPOConfig`'s defaults. Raises `ValueError` naming the field and
-    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO.
+    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO. `fixed_uniform_weights`: the value a
+    built trainer fixed (it loaded a reference model or none), which `dgpo_uniform_weights` may no longer change.
     """
+    _apply_deprecated_score(args)  # also when a callback sets it during training
     tau = getattr(args, "dgpo_tau", DGPOConfig.dgpo_tau)
     kappa = getattr(args, "dgpo_kappa", DGPOConfig.dgpo_kappa)
-    score = getattr(args, "dgpo_score", DGPOConfig.dgpo_score)
-    entropy_gate = getattr(args, "dgpo_entropy", DGPOConfig.dgpo_entropy)
+    divergence = getattr(args, "dgpo_divergence", DGPOConfig.dgpo_divergence)
+    uniform_weights = getattr(args, "dgpo_uniform_weights", DGPOConfig.dgpo_uniform_weights)
+    entropy = getattr(args, "dgpo_entropy", DGPOConfig.dgpo_entropy)
     chunk_size = getattr(args, "dgpo_chunk_size", DGPOConfig.dgpo_chunk_size)
     target_ess = getattr(args, "dgpo_target_ess", DGPOConfig.dgpo_target_ess)
     skip_zero_advantage = getattr(args, "dgpo_skip_zero_advantage", DGPOConfig.dgpo_skip_zero_advantage)
@@ -167,10 +214,18 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         raise ValueError(f"dgpo_tau must be a finite number > 0, got {_shown(tau)}.")
     if not _is_number(kappa) or not (math.isfinite(kappa) and kappa >= 0):
         raise ValueError(f"dgpo_kappa must be a finite number >= 0, got {_shown(kappa)}.")
-    if score not in SCORES:
-        raise ValueError(f"dgpo_score must be one of {list(SCORES)}, got {score!r}.")
-    if entropy_gate not in ENTROPY_GATES:
-        raise ValueError(f"dgpo_entropy must be one of {list(ENTROPY_GATES)}, got {entropy_gate!r}.")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"dgpo_divergence must be one of {list(DIVERGENCES)}, got {_shown(divergence)}.")
+    if not isinstance(uniform_weights, (bool, np.bool_)):
+        raise ValueError(f"dgpo_uniform_weights must be True or False, got {_shown(uniform_weights)}.")
+    if fixed_uniform_weights is not None and bool(uniform_weights) != fixed_uniform_weights:
+        raise ValueError(
+            f"dgpo_uniform_weights cannot change after the trainer is built (it loaded "
+            f"{'no' if fixed_uniform_weights else 'a'} reference model for it), got {uniform_weights}. Build a new "
+            "trainer instead."
+        )
+    if entropy not in ENTROPY_GATES:
+        raise ValueError(f"dgpo_entropy must be one of {list(ENTROPY_GATES)}, got {_shown(entropy)}.")
     if not _is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"dgpo_chunk_size must be an integer >= 1, got {_shown(chunk_size)}.")
     if target_ess is not None and not (_is_number(target_ess) and 0.0 < target_ess < 1.0):
@@ -179,15 +234,17 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
         raise ValueError(f"dgpo_skip_zero_advantage must be True or False, got {_shown(skip_zero_advantage)}.")
     if args.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {list(LOSS_TYPES)}, got {args.loss_type!r}.")
-    if score != "uniform" and args.importance_sampling_level == "sequence" and args.loss_type not in _TOKEN_GRADIENT_LOSSES:
+    weighted = not uniform_weights
+    if weighted and args.importance_sampling_level == "sequence" and args.loss_type not in _TOKEN_GRADIENT_LOSSES:
         # With one ratio per sequence the loss is sum_t w_t * f(ratio_i, A_i) = T_i * f(ratio_i, A_i): the token
         # weights cancel, and DGPO would silently train exactly like its sequence-level baseline.
         raise ValueError(
             f"importance_sampling_level='sequence' with loss_type={args.loss_type!r} cancels DGPO's token weights "
             "(one importance ratio per sequence makes sum_t w_t * loss_i = T_i * loss_i). Use "
-            f"importance_sampling_level='token', or loss_type in {list(_TOKEN_GRADIENT_LOSSES)}, or dgpo_score='uniform'."
+            "importance_sampling_level='token' (TRL's default) with a token-level loss such as loss_type='grpo', or "
+            "dgpo_uniform_weights=True to train at sequence level without DGPO's weights."
         )
-    if warn and args.beta != 0.0 and score != "uniform":
+    if warn and args.beta != 0.0 and weighted:
         warnings.warn(
             f"beta={args.beta} adds TRL's KL penalty on top of DGPO's token reallocation. The DGPO paper drops the KL "
             "term (beta=0); keep beta > 0 only if you want both.",
@@ -197,11 +254,12 @@ def validate_dgpo_arguments(args, warn: bool = True) -> DGPOArguments:
     return DGPOArguments(
         float(tau),
         float(kappa),
-        score,
-        entropy_gate,
+        divergence,
+        entropy,
         int(chunk_size),
         None if target_ess is None else float(target_ess),
         bool(skip_zero_advantage),
+        bool(uniform_weights),
     )
 
 

@@ -21,26 +21,24 @@ DAPO-17K's prompts carry DAPO's own instruction ("... The last line of your resp
 Answer: $Answer ..."); the loader strips it so every set gets the same reasoning instruction (pass
 `instruction=None` to keep prompts as they are; `dgpo_trl.rewards` reads both `\\boxed{}` and `Answer:` lines).
 
-Synthetic tasks (offline, seconds to learn on a tiny model): `reversal` (`r12345>` -> `54321`) and `addition`
-(`a3+4=` -> `7`); their reward is `exact_match`.
+Synthetic tasks (offline, seconds to minutes to learn on a tiny model; `dgpo_trl.tasks`): `reversal` (`r12345>` ->
+`54321`), `addition` (`a3+4=` -> `7`) and `filler` (`f3825>` -> letters, `=`, `5283`); each trains with its task's
+reward (`exact_match`, `final_answer`).
 """
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .tiny import reversal_dataset
+from .tasks import TASKS
 
 
 __all__ = [
     "MATH_DATASETS",
     "REASONING_INSTRUCTION",
-    "SYNTHETIC_TASKS",
     "DatasetSpec",
-    "addition_dataset",
     "default_reward_funcs",
     "gsm8k_final_answer",
     "is_synthetic",
@@ -124,49 +122,38 @@ MATH_DATASETS: dict[str, DatasetSpec] = {
 """The paper's training set (DAPO-17K) and the evaluation sets, by short name."""
 
 
-def addition_example(rng: random.Random) -> dict:
-    """`{"prompt": "a3+4=", "answer": "7"}`: single-digit addition."""
-    a, b = rng.randrange(10), rng.randrange(10)
-    return {"prompt": f"a{a}+{b}=", "answer": str(a + b)}
-
-
-def addition_dataset(n: int, seed: int = 0):
-    """A `datasets.Dataset` of `n` single-digit addition prompts (standard format)."""
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    return Dataset.from_list([addition_example(rng) for _ in range(n)])
-
-
-SYNTHETIC_TASKS: dict[str, Callable] = {"reversal": reversal_dataset, "addition": addition_dataset}
-"""Offline tasks: name -> `builder(n, seed)` returning a Dataset with `prompt` and `answer` columns."""
-
 # Held-out splits are drawn with a different seed than training: `seed + _TEST_SEED_OFFSET`
 _TEST_SEED_OFFSET = 10_000
 
 
 def resolve_dataset_name(name: str) -> str:
     """The short name (`"aime2024"`, `"reversal"`, ...) of a dataset given by short name or known Hub id."""
-    if name in MATH_DATASETS or name in SYNTHETIC_TASKS:
+    if name in MATH_DATASETS or name in TASKS:
         return name
     for short, spec in MATH_DATASETS.items():
         if name == spec.hub_id:
             return short
     raise ValueError(
         f"dataset name must be one of {sorted(MATH_DATASETS)} (or their Hub ids "
-        f"{sorted(spec.hub_id for spec in MATH_DATASETS.values())}) or a synthetic task {sorted(SYNTHETIC_TASKS)}; "
+        f"{sorted(spec.hub_id for spec in MATH_DATASETS.values())}) or a synthetic task {sorted(TASKS)}; "
         f"got {name!r}."
     )
 
 
 def is_synthetic(name: str) -> bool:
-    """Whether `name` is an offline synthetic task (exact-match reward, string prompts)."""
-    return resolve_dataset_name(name) in SYNTHETIC_TASKS
+    """Whether `name` is an offline synthetic task (`dgpo_trl.tasks`: string prompts, its own reward)."""
+    return resolve_dataset_name(name) in TASKS
 
 
 def default_reward_funcs(name: str) -> list[str]:
-    """The reward functions (names in `dgpo_trl.rewards.REWARD_FUNCTIONS`) a dataset trains with by default."""
-    return ["exact_match"] if is_synthetic(name) else ["math_accuracy"]
+    """The reward functions (names in `dgpo_trl.rewards.REWARD_FUNCTIONS`) a dataset trains with by default: a
+    synthetic task's own reward, `math_accuracy` for the math sets."""
+    from .rewards import REWARD_FUNCTIONS
+
+    short = resolve_dataset_name(name)
+    if short not in TASKS:
+        return ["math_accuracy"]
+    return [next(key for key, reward in REWARD_FUNCTIONS.items() if reward is TASKS[short].reward)]
 
 
 def math_prompt(
@@ -246,25 +233,25 @@ def load_math_dataset(
 
 
 def load_synthetic_dataset(name: str, split: str = "train", *, size: int | None = None, seed: int = 0):
-    """An offline synthetic task (`"reversal"` or `"addition"`) with `prompt`, `answer` and `id` columns.
+    """An offline synthetic task (a name in `dgpo_trl.tasks.TASKS`) with `prompt`, `answer` and `id` columns.
 
     `split="test"` draws its problems with a different seed than `"train"`; default sizes 2,000 / 200.
     """
-    if name not in SYNTHETIC_TASKS:
-        raise ValueError(f"synthetic task must be one of {sorted(SYNTHETIC_TASKS)}, got {name!r}.")
+    if name not in TASKS:
+        raise ValueError(f"synthetic task must be one of {sorted(TASKS)}, got {name!r}.")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test' for synthetic tasks, got {split!r}.")
     if size is None:
         size = 2000 if split == "train" else 200
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an integer >= 1, got {size!r}.")
-    dataset = SYNTHETIC_TASKS[name](size, seed=seed if split == "train" else seed + _TEST_SEED_OFFSET)
+    dataset = TASKS[name].dataset(size, seed=seed if split == "train" else seed + _TEST_SEED_OFFSET)
     return dataset.add_column("id", [f"{name}-{split}-{i}" for i in range(size)])
 
 
 def load_task(name: str, split: str | None = None, *, limit: int | None = None, seed: int = 0, **math_kwargs):
     """Any dataset this module knows, by short name or Hub id: a math set or a synthetic task."""
     short = resolve_dataset_name(name)
-    if short in SYNTHETIC_TASKS:
+    if short in TASKS:
         return load_synthetic_dataset(short, split or "train", size=limit, seed=seed)
     return load_math_dataset(short, split, limit=limit, **math_kwargs)

@@ -96,17 +96,26 @@ def majority_vote(answers: Sequence, same_answer: Callable[[object, object], boo
 
 
 class ExactMatchScorer:
-    """Scores the synthetic tasks: the answer is the stripped completion, right when it equals the gold string.
+    """Scores the synthetic tasks: an answer is right when it equals the gold string.
 
     A scorer has four methods, used by `score_problem`: `prepare_gold(gold)` (once per problem), `extract(completion)`
     (the answer a sample states, `None` if none), `answer_is_correct(answer, prepared_gold)` and `same_answer(a, b)`
     (the equivalence the majority vote groups by).
+
+    Args:
+        stated_answer: reads the answer from a completion's text (a task's `stated_answer`, e.g. the digits after the
+            last `=` for `filler`); by default the stripped completion, `None` when empty.
     """
 
+    def __init__(self, stated_answer: Callable[[str], str | None] | None = None):
+        self.stated_answer = stated_answer
+
     def extract(self, completion):
-        """The stripped completion text, `None` when empty."""
-        text = completion_text(completion).strip()
-        return text or None
+        """The answer the completion states, `None` when none."""
+        text = completion_text(completion)
+        if self.stated_answer is not None:
+            return self.stated_answer(text)
+        return text.strip() or None
 
     def prepare_gold(self, gold):
         """The gold answer as a stripped string."""
@@ -154,10 +163,13 @@ class MathScorer:
 
 
 def scorer_for(dataset_name: str):
-    """The scorer of a dataset: exact match for the synthetic tasks, math-verify otherwise."""
-    from .data import is_synthetic
+    """The scorer of a dataset: for a synthetic task, exact match of the answer a completion states (the task's
+    `stated_answer`); math-verify otherwise."""
+    from .data import resolve_dataset_name
+    from .tasks import TASKS
 
-    return ExactMatchScorer() if is_synthetic(dataset_name) else MathScorer()
+    short = resolve_dataset_name(dataset_name)
+    return ExactMatchScorer(TASKS[short].stated_answer) if short in TASKS else MathScorer()
 
 
 def score_problem(completions: Sequence, gold, scorer, ks: Sequence[int] = ()) -> dict:

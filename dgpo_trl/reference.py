@@ -1,72 +1,189 @@
-"""DGPO's frozen reference model: where it comes from, how it is prepared for the engine, and how both models are run
-to last hidden states.
+"""DGPO's frozen reference model: the initial policy, in one of four forms, behind one small surface.
 
-The reference is the initial policy, frozen:
-- a model passed as a path gets a reference loaded from that path, as `GRPOTrainer` loads its own for `beta > 0`;
-- a model passed as an object gets a copy of itself as passed (`frozen_copy`), so a model changed in memory (an SFT or
-  a merge before RL) is its own reference;
-- a PEFT model is its own reference with the adapter disabled (`peft_config`, a fresh adapter), or, for a pretrained
-  adapter passed in a `PeftModel`, with a frozen copy of that adapter (`add_reference_adapter`).
+`FrozenReference` is what the trainer holds. Its forms, one constructor each:
+- `FrozenReference.copy_of(model, ...)`: a copy of a model passed as an object (`frozen_copy`, taken before TRL patches
+  the model), so a model changed in memory (an SFT or a merge before RL) is its own reference;
+- `FrozenReference.load(path, ...)`: loaded from the policy's path, as `GRPOTrainer` loads its own for `beta > 0`;
+- `FrozenReference.adapter_disabled(policy, root)`: a PEFT model trained from a fresh adapter (`peft_config`) is its
+  own reference with the adapter disabled: no second model in memory;
+- `FrozenReference.adapter_copy(policy, root)`: a `PeftModel` passed with a pretrained adapter keeps a frozen copy of
+  that adapter beside it (the "ref" adapter, as TRL names its own), the base model plus that copy being the reference.
 
-Every forward DGPO runs goes through the module the engine prepared, as a normal forward does (`backbone_forward`):
-FSDP2 unshards a module's own parameters in its pre-forward hook, so calling a submodule such as the backbone directly
-can meet sharded parameters, depending on what ran before.
+What the trainer asks of it: `hidden_states(inputs)` (the last hidden states, no LM-head projection),
+`log_probs_and_hidden_states(inputs, labels)` (TRL's own label log-probs, for TRL's KL term when beta > 0, and the
+hidden states of the same forward), `lm_head`, `answers(model)` (whether a call TRL makes with `model` is its reference
+forward), and `excluded_adapters` (what a save leaves out). Every forward runs through the module its engine prepared,
+in eval mode (a frozen reference has no dropout), without grad.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 
 import torch
+from accelerate.utils import DistributedType
 from peft import PeftModel
 
 from transformers import TrainerCallback
 from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, get_config_model_id
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, use_adapter
+
+from .forwards import backbone_forward, causal_lm, eval_mode, fused_forward
 
 
 # The name of the frozen adapter that holds the reference of a pretrained adapter (the name TRL gives its own)
 REFERENCE_ADAPTER = "ref"
 
 
-def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The `PreTrainedModel` under a PEFT wrapper (adapter layers included), or the (unwrapped) model itself."""
-    # isinstance, not accelerate's is_peft_model: that one re-reads package metadata on every call (~0.5 ms)
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+class FrozenReference:
+    """DGPO's frozen reference. Build it with one of the constructors (see the module docstring).
 
-
-def backbone_forward(root: torch.nn.Module, model: torch.nn.Module, model_inputs: dict, head=None):
-    """Runs `model`'s backbone on `model_inputs` inside a forward of `root`, and returns `head(last hidden states)`,
-    computed inside that forward too (the last hidden states themselves when `head` is None). No grad.
-
-    `root` is the module a normal forward of the model calls (the FSDP2 root, a DeepSpeed engine, or the model), and
-    `model` the model under it (a `PreTrainedModel` or `PeftModel`). For one call, the causal LM's forward (the method
-    TRL's fused LM head replaces) runs the backbone and `head` instead, so every module from the root down to the
-    causal LM runs with the hooks its engine installed, as in a normal forward: FSDP2 unshards the root's own
-    parameters (the embedding among them) and ZeRO-3 traces the same module order; a backbone called on its own can
-    meet sharded parameters, depending on what ran before. The LM-head module is never called (under ZeRO-3 a call of
-    the policy's before its training forward corrupts the backward); a `head` that reads the LM-head weights reads them
-    where TRL's fused head does, inside the causal LM's forward (ZeRO-3 registers them there as that module's
-    parameters). The causal LM's own forward is restored afterwards, also when the call raises.
+    Args:
+        model: the unwrapped model whose backbone and LM head are the reference's (for the PEFT forms, the policy's
+            `PeftModel`).
+        root: returns the module a forward goes through (the prepared reference, or the policy's current root: the
+            trainer's model, which `Trainer.train()` wraps later).
+        adapter: for the PEFT forms, the adapter active while the reference runs (`None`: adapters disabled).
+        prepared: the prepared reference module of the separate-model forms (TRL's `ref_model`); `None` for PEFT.
     """
-    lm = causal_lm(model)
-    backbone = lm.base_model
 
-    def forward(*args, labels=None, **kwargs):  # `labels`: a PEFT wrapper passes them through
-        hidden = backbone(*args, **kwargs)[0]
-        return hidden if head is None else head(hidden)
+    _NO_ADAPTER = object()
 
-    patched = vars(lm).get("forward")  # TRL's fused LM head is itself an instance attribute `forward`
-    lm.forward = forward
-    try:
+    def __init__(self, model, root: Callable[[], torch.nn.Module], adapter=_NO_ADAPTER, prepared=None):
+        self.model = model
+        self._root = root
+        self._adapter = adapter
+        self.prepared = prepared
+        self._released_adapter: dict[str, torch.Tensor] | None = None
+
+    # -- constructors ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def copy_of(cls, model: torch.nn.Module, accelerator, args, temperature: float) -> FrozenReference:
+        """The reference of a model passed as an object: `model` is the copy `frozen_copy` took before TRL patched
+        the policy; prepared here like TRL prepares its own reference."""
+        prepared = prepare_reference_model(model, accelerator, args, temperature)
+        return cls(model, root=lambda: prepared, prepared=prepared)
+
+    @classmethod
+    def load(cls, policy: torch.nn.Module, accelerator, args, temperature: float, quantization_config=None):
+        """The reference of a policy given as a path: loaded from that path as `GRPOTrainer.__init__` loads its own."""
+        model = load_reference_model(policy, args, quantization_config)
+        return cls.copy_of(model, accelerator, args, temperature)
+
+    @classmethod
+    def adapter_disabled(cls, policy: PeftModel, root: Callable[[], torch.nn.Module]) -> FrozenReference:
+        """A fresh adapter: the reference is the policy with its adapters disabled."""
+        return cls(policy, root, adapter=None)
+
+    @classmethod
+    def adapter_copy(cls, policy: PeftModel, root: Callable[[], torch.nn.Module]) -> FrozenReference:
+        """A pretrained adapter: the reference is the base model plus a frozen copy of it, `REFERENCE_ADAPTER`."""
+        add_reference_adapter(policy)
+        return cls(policy, root, adapter=REFERENCE_ADAPTER)
+
+    @classmethod
+    def for_policy(cls, policy, root, *, copied, pretrained_adapter: bool, accelerator, args, temperature: float,
+                   quantization_config=None) -> FrozenReference:
+        """The form that follows from what the user passed: a PEFT policy is its own reference (a pretrained adapter
+        passed in a `PeftModel` gets a frozen copy of it); a full model passed as an object has its `copied` copy;
+        a full model passed as a path is loaded from that path."""
+        if isinstance(policy, PeftModel):
+            return cls.adapter_copy(policy, root) if pretrained_adapter else cls.adapter_disabled(policy, root)
+        if copied is not None:
+            return cls.copy_of(copied, accelerator, args, temperature)
+        return cls.load(policy, accelerator, args, temperature, quantization_config)
+
+    # -- what the trainer asks -----------------------------------------------------------------------------------
+
+    @property
+    def uses_policy(self) -> bool:
+        """Whether the reference is the policy itself under an adapter setting (the PEFT forms)."""
+        return self._adapter is not self._NO_ADAPTER
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return causal_lm(self.model).get_output_embeddings()
+
+    @property
+    def excluded_adapters(self) -> tuple[str, ...]:
+        """The adapters that belong to DGPO, not to the user: saves leave them out."""
+        return (REFERENCE_ADAPTER,) if self._adapter == REFERENCE_ADAPTER else ()
+
+    @contextmanager
+    def saved_without_it(self):
+        """Inside the block, `save_pretrained` of the policy writes the trained adapters only: DGPO's frozen reference
+        adapter is not something the user trains."""
+        policy = self.model
+        if not self.excluded_adapters or not set(self.excluded_adapters) & set(policy.peft_config):
+            yield
+            return
+        adapters = [name for name in policy.peft_config if name not in self.excluded_adapters]
+        policy.save_pretrained = functools.partial(policy.save_pretrained, selected_adapters=adapters)
+        try:
+            yield
+        finally:
+            del policy.save_pretrained
+
+    def hidden_states(self, model_inputs: dict) -> torch.Tensor:
+        """The reference's last hidden states (B, L, H) for TRL-built model inputs; no LM-head projection."""
+        with self._running() as root:
+            return backbone_forward(root, self.model, model_inputs)
+
+    def log_probs_and_hidden_states(self, model_inputs: dict, labels: torch.Tensor):
+        """TRL's label log-probs of the reference (its fused LM head, as TRL scores its own reference) and the last
+        hidden states of the same forward."""
+        with self._running() as root, torch.no_grad():
+            output, hidden = fused_forward(root, self.model, model_inputs, labels)
+        return output.log_probs, hidden
+
+    def answers(self, model: torch.nn.Module, unwrap: Callable) -> bool:
+        """Whether TRL's call of `_get_per_token_logps_and_entropies` with `model` is its reference forward: with the
+        prepared reference, or with the policy while the reference's adapter setting is active (TRL's `use_adapter`)."""
+        if not self.uses_policy:
+            return model is self.prepared
+        policy = unwrap(model)
+        if not isinstance(policy, PeftModel) or policy is not self.model:
+            return False
+        if self._adapter is None:
+            return policy._adapters_disabled
+        return policy.active_adapter == self._adapter
+
+    def release(self, sharded: bool) -> None:
+        """Leaves the user's `PeftModel` as GRPOTrainer would (after `train()`): without the reference adapter. Its
+        weights are kept here and put back on the next use. Under a sharding engine the model stays as it is."""
+        if self._adapter != REFERENCE_ADAPTER or sharded or REFERENCE_ADAPTER not in self.model.peft_config:
+            return
+        part = f".{REFERENCE_ADAPTER}."
+        self._released_adapter = {
+            name: param.detach().clone() for name, param in self.model.named_parameters() if part in name
+        }
+        self._released_config = self.model.peft_config[REFERENCE_ADAPTER]
+        self.model.delete_adapter(REFERENCE_ADAPTER)
+
+    def _restore(self) -> None:
+        if self._released_adapter is None:
+            return
+        trained = self.model.active_adapter
+        self.model.add_adapter(REFERENCE_ADAPTER, self._released_config)
+        self.model.set_adapter(trained)
         with torch.no_grad():
-            return root(**model_inputs, use_cache=False)
-    finally:
-        if patched is None:
-            del lm.forward
-        else:
-            lm.forward = patched
+            for name, param in self.model.named_parameters():
+                if name in self._released_adapter:
+                    param.copy_(self._released_adapter[name])
+                    param.requires_grad_(False)
+        self._released_adapter = None
+
+    @contextmanager
+    def _running(self):
+        """The reference's root, in eval mode (no dropout), under its adapter setting."""
+        self._restore()
+        root = self._root()
+        with use_adapter(self.model, adapter_name=self._adapter) if self.uses_policy else nullcontext(), eval_mode(root):
+            yield root
 
 
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,19 +239,25 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-def add_reference_adapter(model: PeftModel) -> None:
-    """Keeps the initial policy of a pretrained adapter as a frozen adapter, `REFERENCE_ADAPTER`, beside it.
-
-    The reference of a `PeftModel` passed in is the base model plus its active adapter as passed. A model that already
-    carries the reference adapter (a second trainer on the same model, e.g. a notebook cell run twice) gets it
-    refreshed from the active adapter as it is now, as a full model passed as an object gets a fresh copy.
-    """
-    trained = model.active_adapter
-    if trained == REFERENCE_ADAPTER:
+def check_reference_adapter(model) -> None:
+    """Refuses a `PeftModel` whose active adapter has the name DGPO gives its reference adapter (before anything
+    touches the model)."""
+    if isinstance(model, PeftModel) and model.active_adapter == REFERENCE_ADAPTER:
         raise ValueError(
             f"The PeftModel's active adapter is named {REFERENCE_ADAPTER!r}, the name DGPO gives the frozen copy of "
             "the adapter that serves as its reference. Give the adapter you train another name."
         )
+
+
+def add_reference_adapter(model: PeftModel) -> None:
+    """Keeps the initial policy of a pretrained adapter as a frozen adapter, `REFERENCE_ADAPTER`, beside it.
+
+    The reference of a `PeftModel` passed in is the base model plus its active adapter as passed. A model that already
+    carries the reference adapter (e.g. left by a trainer under a sharding engine) gets it refreshed from the active
+    adapter as it is now, as a full model passed as an object gets a fresh copy.
+    """
+    check_reference_adapter(model)
+    trained = model.active_adapter
     if REFERENCE_ADAPTER in model.peft_config:
         model.delete_adapter(REFERENCE_ADAPTER)
     model.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(model.peft_config[trained]))
@@ -149,46 +272,39 @@ def add_reference_adapter(model: PeftModel) -> None:
             param.requires_grad_(False)
 
 
-def trained_adapters(model: torch.nn.Module) -> list[str] | None:
-    """The adapters a save should write: all but DGPO's frozen reference adapter (`None`: not a PEFT model)."""
-    if not isinstance(model, PeftModel):
-        return None
-    return [name for name in model.peft_config if name != REFERENCE_ADAPTER]
-
-
-def load_reference_model(trainer, quantization_config=None) -> torch.nn.Module:
+def load_reference_model(policy: torch.nn.Module, args, quantization_config=None) -> torch.nn.Module:
     """The reference of a policy given as a path: loaded from it as `GRPOTrainer.__init__` loads its own."""
-    args = trainer.args
+    from trl.trainer.utils import get_config_model_id
+
     model_init_kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         model_init_kwargs["quantization_config"] = quantization_config
     if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED"]:
         model_init_kwargs["device_map"] = None
     model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    model_init_kwargs.setdefault("dtype", trainer.model.dtype)
-    model_init_kwargs.setdefault("attn_implementation", trainer.model.config._attn_implementation)
-    return create_model_from_path(get_config_model_id(trainer.model.config), **model_init_kwargs)
+    model_init_kwargs.setdefault("dtype", policy.dtype)
+    model_init_kwargs.setdefault("attn_implementation", policy.config._attn_implementation)
+    return create_model_from_path(get_config_model_id(policy.config), **model_init_kwargs)
 
 
-def prepare_reference_model(trainer, ref_model: torch.nn.Module) -> torch.nn.Module:
-    """Frozen, and prepared as `GRPOTrainer.__init__` prepares its own reference for beta != 0 (with TRL's fused LM
-    head too, so TRL code that scores `ref_model` works on it; DGPO's pass does not use it).
+def prepare_reference_model(ref_model: torch.nn.Module, accelerator, args, temperature: float) -> torch.nn.Module:
+    """Frozen, and prepared as `GRPOTrainer.__init__` prepares its own reference for beta != 0, with TRL's fused LM
+    head (DGPO takes the reference's log-probs from it when beta > 0).
 
     One difference: under FSDP2 TRL shards its reference as a single unit (`trl.models.prepare_fsdp`), so each of its
     forwards gathers the whole model on every rank at once. DGPO's reference is sharded like the policy instead, one
     unit per decoder layer (the launch's auto-wrap policy) under the root, so a forward gathers one layer at a time.
     """
     ref_model.requires_grad_(False)
-    if trainer.args.disable_dropout:
+    if args.disable_dropout:
         disable_dropout_in_model(ref_model)
-    if trainer.args.cast_lm_head_to_fp32:
+    if args.cast_lm_head_to_fp32:
         cast_lm_head_to_fp32(ref_model)
-    cast = trainer.args.cast_lm_head_to_fp32
-    add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=cast)
-    accelerator = trainer.accelerator
-    if trainer.is_deepspeed_enabled:
+    add_fused_lm_head(ref_model, temperature=temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+    engine = accelerator.distributed_type
+    if engine == DistributedType.DEEPSPEED:
         return prepare_deepspeed(ref_model, accelerator)
-    if trainer.is_fsdp_enabled:
+    if engine == DistributedType.FSDP:
         plugin = accelerator.state.fsdp_plugin
         if plugin.fsdp_version == 2:
             from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
@@ -224,21 +340,10 @@ class ReferenceKernels(TrainerCallback):
     standard kernels would differ from the policy by kernel numerics alone (d_t > 0 before any update).
     """
 
-    def __init__(self, trainer):
-        self.trainer = trainer
+    def __init__(self, reference: FrozenReference):
+        self.reference = reference
 
     def on_train_begin(self, args, state, control, **kwargs):
         from transformers.integrations.liger import apply_liger_kernel
 
-        apply_liger_kernel(self.trainer._reference(), args.liger_kernel_config)
-
-
-@contextmanager
-def captured_hidden_states(backbone: torch.nn.Module):
-    """Collects `backbone`'s last hidden states (detached) from the forwards run inside the block."""
-    captured = []
-    handle = backbone.register_forward_hook(lambda module, args, output: captured.append(output[0].detach()))
-    try:
-        yield captured
-    finally:
-        handle.remove()
+        apply_liger_kernel(self.reference.model, args.liger_kernel_config)

@@ -11,7 +11,8 @@ scored (TRL then leaves it out of that reward's statistics).
   score 0.0 instead of hanging.
 - `format_reward`: 1.0 when the completion states a final answer the accuracy reward can read.
 - `overlong_penalty`: DAPO's soft overlong punishment (Eq. 13 of arXiv 2503.14476), TRL's own implementation.
-- `exact_match_reward`: the synthetic tasks' reward (re-exported from `dgpo_trl.tiny`).
+- `REWARD_FUNCTIONS`: these and the synthetic tasks' rewards (`dgpo_trl.tasks`), by the names
+  `examples/dgpo.py --reward_funcs` takes.
 
 `extract_final_answer`, `parse_answer` and `answers_equivalent` are the building blocks the evaluation's majority
 vote (Cons@n) uses too.
@@ -24,7 +25,7 @@ import re
 import threading
 from collections.abc import Callable, Sequence
 
-from .tiny import exact_match_reward
+from .tasks import exact_match_reward, final_answer_reward
 
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "MathAccuracyReward",
     "answers_equivalent",
     "completion_text",
-    "exact_match_reward",
     "extract_final_answer",
     "format_reward",
     "get_reward_function",
@@ -233,6 +233,7 @@ REWARD_FUNCTIONS: dict[str, Callable] = {
     "math_accuracy": math_accuracy_reward,
     "format": format_reward,
     "exact_match": exact_match_reward,
+    "final_answer": final_answer_reward,
 }
 """Rewards `examples/dgpo.py --reward_funcs` accepts by name (the overlong penalty is built from its own options)."""
 

@@ -1,10 +1,12 @@
-"""Tiny offline models and a string-reversal task: what the demo, the notebook and the tests train.
+"""Tiny offline models and their tokenizer: what the demo, the notebook, the tests and the benchmarks train.
 
 Nothing here downloads: the tokenizer is a character-level vocabulary built with `tokenizers`, the model a
 random-init `LlamaForCausalLM` (a Llama config, because `AutoTokenizer` would swap a Qwen2 model's tokenizer for a
 byte-level one that drops whitespace). Both are saved with `save_pretrained` and loaded by path, as TRL loads a
 reference model from the policy's `config._name_or_path`. `build_tiny_model(..., architecture=...)` also builds the
 other families in `ARCHITECTURES` (tied embeddings, logit softcapping, logit scaling), for the architecture tests.
+`build_tiny_vlm` builds a vision-language model (a tiny Qwen2-VL) with an image-only processor
+(`tiny_vlm_processor`): no torchvision, nothing downloaded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import string
 from pathlib import Path
 
 import torch
+from transformers import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
 
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
@@ -130,23 +134,89 @@ def build_tiny_model(
     return str(path)
 
 
-def reversal_example(rng: random.Random, min_digits: int = 3, max_digits: int = 6) -> dict:
-    """`{"prompt": "r12345>", "answer": "54321"}`: reverse a digit string."""
-    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(min_digits, max_digits)))
-    return {"prompt": f"r{digits}>", "answer": digits[::-1]}
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# The char tokenizer's chat template for the tiny VLM: each message's content, an image part as Qwen2-VL marks it
+# (the processor expands <|image_pad|> to one token per merged image patch); no roles, as the text tasks have none
+VLM_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+)
 
 
-def reversal_dataset(n: int, seed: int = 0, min_digits: int = 3, max_digits: int = 6):
-    """A `datasets.Dataset` of `n` string-reversal prompts (standard, non-conversational format)."""
-    from datasets import Dataset
+class TinyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor for images and text only: Qwen2-VL's own needs torchvision for its video processor."""
 
-    rng = random.Random(seed)
-    return Dataset.from_list([reversal_example(rng, min_digits, max_digits) for _ in range(n)])
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        # Qwen2VLProcessor.__init__ would require a video processor
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
 
-def exact_match_reward(completions, answer, **kwargs) -> list[float]:
-    """1.0 when the completion (before EOS) equals the answer, else 0.0. A TRL reward function."""
-    return [1.0 if completion.strip() == target else 0.0 for completion, target in zip(completions, answer)]
+def build_tiny_vlm(
+    path: str | os.PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    alphabet: str = ALPHABET,
+) -> str:
+    """Builds and saves a random-init tiny `Qwen2VLForConditionalGeneration`, its char tokenizer (with Qwen2-VL's
+    vision tokens and a chat template) and a PIL image processor under `path`; returns the path as a string.
+
+    The vision tower is one block (embed 32, patch 14, spatial merge 2); images are resized to 28x28-56x56 pixels, so
+    an image takes 1-4 prompt tokens. Load the processor with `tiny_vlm_processor(path)` and pass it as
+    `processing_class` (`AutoProcessor` would build Qwen2-VL's, which needs torchvision). A dataset for it has
+    conversational prompts and an `image` column of PIL images.
+    """
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = build_tokenizer(alphabet)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    vision_start, vision_end, image_pad, video_pad = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id)  # fmt: skip
+    head_dim = hidden_size // num_heads
+    # Multimodal rotary embedding: the temporal, height and width sections split head_dim / 2 frequencies
+    sections = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+            max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": sections}, **special,
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        vision_start_token_id=vision_start, vision_end_token_id=vision_end, image_token_id=image_pad,
+        video_token_id=video_pad, tie_word_embeddings=False, **special,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(path)
+    return str(path)
+
+
+def tiny_vlm_processor(path: str | os.PathLike) -> TinyQwen2VLProcessor:
+    """The image-and-text processor of a model saved by `build_tiny_vlm` (pass it as `processing_class`)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    return TinyQwen2VLProcessor(
+        Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer, chat_template=tokenizer.chat_template
+    )
 
 
 def supervised_warmup(

@@ -2,8 +2,13 @@
 
 DGPO gives token t of completion i the advantage A_i * w_t with mean_t w_t = 1; a heatmap shows where the
 sequence's credit went. `DGPOTrainer.last_token_weights` holds a few completions of the latest scored training batch
-(`last_eval_token_weights`: of the latest evaluation batch): `{"completion_ids", "weights", "mask"}` of shape (n, T) and
-`"advantages"` of shape (n,).
+(`last_eval_token_weights`: of the latest evaluation batch): `{"completion_ids", "weights", "mask"}` of shape (n, T),
+`"advantages"` of shape (n,), and their prompts, `{"prompt_ids", "prompt_mask"}` of shape (n, P) (left-padded).
+
+Each completion is drawn under its prompt (shortened in the middle when long: `PROMPT_CHARS`) and, when the caller
+passes `expected_answer` (a callable from the prompt's text to its answer, e.g. a synthetic task's
+`dgpo_trl.tasks.REVERSAL.expected_answer`), the answer the prompt expects: a reader can then tell whether a
+highlighted token is where the completion went wrong.
 
 The colour scale diverges at the mean, w = 1 (white): blue below, red above, symmetric in log w (w = 2 and w = 0.5
 are equally strong). By default its ends are 1/vmax and vmax with vmax = max(w, 1/w) over the weights shown, so
@@ -27,7 +32,7 @@ import math
 import numbers
 import sys
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,7 @@ from transformers import TrainerCallback
 
 
 __all__ = [
+    "PROMPT_CHARS",
     "HeatmapCompletion",
     "TokenWeightHeatmapCallback",
     "completions_from_token_weights",
@@ -57,14 +63,22 @@ _UNIFORM_TOLERANCE = 1e-6
 # The automatic scale never ends closer to 1 than this, so weights just past the tolerance are only tinted
 _MIN_VMAX = 1 + 1e-5
 
+PROMPT_CHARS = 160
+"""The most characters of a prompt a heatmap shows (its start and end, around an ellipsis); the PNG shows at most its
+`width`. The HTML page shows the whole prompt on hover."""
+_ANSWER_CHARS = 40
+
 
 @dataclass
 class HeatmapCompletion:
-    """One completion to draw: its tokens (as text), their weights, and a caption (e.g. its advantage)."""
+    """One completion to draw: its tokens (as text), their weights, a caption (e.g. its advantage), and the text of
+    its prompt and the answer that prompt expects (either drawn above the tokens when given)."""
 
     tokens: list[str]
     weights: list[float]
     caption: str = ""
+    prompt: str | None = None
+    expected_answer: str | None = None
 
     def __post_init__(self):
         if len(self.tokens) != len(self.weights):
@@ -79,12 +93,24 @@ def token_strings(token_ids: Sequence[int], tokenizer) -> list[str]:
 
 
 def completions_from_token_weights(
-    token_weights: dict, tokenizer, max_completions: int | None = None
+    token_weights: dict, tokenizer, max_completions: int | None = None, expected_answer: Callable | None = None
 ) -> list[HeatmapCompletion]:
-    """The completions of `DGPOTrainer.last_token_weights` as `HeatmapCompletion`s (valid tokens only)."""
+    """The completions of `DGPOTrainer.last_token_weights` as `HeatmapCompletion`s (valid tokens only), with the text
+    of their prompts when `token_weights` holds them (`prompt_ids`, `prompt_mask`).
+
+    `expected_answer(prompt_text)` returns the answer a prompt expects (`None` where it does not know it), e.g. a
+    synthetic task's `dgpo_trl.tasks.Task.expected_answer`; it gets the prompt as decoded without special tokens.
+    """
     for key in ("completion_ids", "weights", "mask"):
         if key not in token_weights:
             raise ValueError(f"token_weights needs the key {key!r} (as in DGPOTrainer.last_token_weights).")
+    _check_expected_answer(expected_answer)
+    has_prompts = "prompt_ids" in token_weights and "prompt_mask" in token_weights
+    if expected_answer is not None and not has_prompts:
+        raise ValueError(
+            "expected_answer needs the prompts: token_weights has no 'prompt_ids' and 'prompt_mask' (keys: "
+            f"{sorted(token_weights)})."
+        )
     ids, weights, mask = token_weights["completion_ids"], token_weights["weights"], token_weights["mask"]
     advantages = token_weights.get("advantages")
     count = len(ids) if max_completions is None else min(len(ids), max_completions)
@@ -100,8 +126,40 @@ def completions_from_token_weights(
             spread = max((abs(w - 1.0) for w in row_weights if math.isfinite(w)), default=1.0)
             digits = 3 if spread == 0 else max(3, min(7, math.ceil(-math.log10(spread)) + 1))
             caption += f" · max w {max(row_weights):.{digits}f} · min w {min(row_weights):.{digits}f}"
-        completions.append(HeatmapCompletion(token_strings(ids[i][valid].tolist(), tokenizer), row_weights, caption))
+        prompt = answer = None
+        if has_prompts:
+            prompt_ids = token_weights["prompt_ids"][i][token_weights["prompt_mask"][i].bool()].tolist()
+            prompt = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+            if expected_answer is not None:
+                answer = expected_answer(prompt)
+                answer = None if answer is None else str(answer)
+        completions.append(
+            HeatmapCompletion(token_strings(ids[i][valid].tolist(), tokenizer), row_weights, caption, prompt, answer)
+        )
     return completions
+
+
+def _check_expected_answer(expected_answer) -> None:
+    if expected_answer is not None and not callable(expected_answer):
+        raise ValueError(
+            "expected_answer must be None or a callable from a prompt's text to its answer (e.g. "
+            f"dgpo_trl.tasks.REVERSAL.expected_answer), got {expected_answer!r}."
+        )
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: line breaks and tabs shown as the markers the token views use."""
+    return text.replace("\r\n", "\n").replace("\n", "↵").replace("\t", "→")
+
+
+def _shorten(text: str, limit: int) -> str:
+    """`text` on one line, at most `limit` characters: its start and end around " … " when longer."""
+    text = _one_line(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 3, 2)
+    head = (keep + 1) // 2
+    return f"{text[:head]} … {text[len(text) - (keep - head):]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,6 +279,9 @@ body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
   border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 0.8em; margin: 0.3em 0 1.2em 0; }
 .dgpo-token { border-radius: 3px; padding: 0.1em 0; }
 .dgpo-caption { font-size: 0.9em; color: #555; }
+.dgpo-prompt { font-size: 0.9em; color: #555; margin-top: 0.2em; }
+.dgpo-text { font-family: ui-monospace, Menlo, Consolas, monospace; color: #222; background: #f2f2f2;
+  border-radius: 3px; padding: 0.1em 0.3em; }
 .dgpo-legend { display: flex; align-items: flex-start; gap: 1em; flex-wrap: wrap; margin: 0.3em 0 1.2em 0; }
 .dgpo-scale { width: 16em; flex: none; }
 .dgpo-bar { height: 0.9em; border: 1px solid #bbb; border-radius: 2px; }
@@ -244,6 +305,19 @@ def _token_html(token: str, weight: float, scale: _Scale) -> str:
         style += "; color: #fff"
     number = f"{weight:.{max(3, scale.decimals())}f}" if math.isfinite(weight) else str(weight)
     return f'<span class="dgpo-token" style="{style}" title="w = {number}">{shown}</span>'
+
+
+def _prompt_html(completion: HeatmapCompletion) -> str:
+    """The prompt (shortened; whole on hover) and expected answer above a completion; empty when neither is known."""
+    parts = []
+    if completion.prompt is not None:
+        full = html.escape(completion.prompt, quote=True)
+        shown = html.escape(_shorten(completion.prompt, PROMPT_CHARS))
+        parts.append(f'prompt <span class="dgpo-text" title="{full}">{shown}</span>')
+    if completion.expected_answer is not None:
+        shown = html.escape(_shorten(completion.expected_answer, _ANSWER_CHARS))
+        parts.append(f'expected <span class="dgpo-text">{shown}</span>')
+    return f'<div class="dgpo-prompt">{" · ".join(parts)}</div>' if parts else ""
 
 
 def _legend_html(scale: _Scale) -> str:
@@ -271,8 +345,9 @@ def heatmap_html(
     full red at vmax (weights beyond are clipped to the ends). `vmax` (> 1) defaults to max(w, 1/w) over all the
     weights shown (all completions share one scale); pass it to compare several heatmaps on one scale. Weights
     all equal to 1 (within 1e-6) are drawn white unless `vmax` is given. A legend gives the scale's end values and
-    the smallest and largest weight; hovering a token shows its weight. Tokens, captions and the title are
-    HTML-escaped.
+    the smallest and largest weight; hovering a token shows its weight. Above each completion: its prompt (at most
+    `PROMPT_CHARS` characters on one line, the whole prompt on hover) and expected answer, when known. Tokens,
+    captions, prompts, answers and the title are HTML-escaped.
     """
     if isinstance(completions, HeatmapCompletion):
         completions = [completions]
@@ -286,6 +361,7 @@ def heatmap_html(
     ]
     for completion in completions:
         parts.append(f'<div class="dgpo-caption">{html.escape(completion.caption)}</div>')
+        parts.append(_prompt_html(completion))
         tokens = "".join(_token_html(t, w, scale) for t, w in zip(completion.tokens, completion.weights))
         parts.append(f'<div class="dgpo-completion">{tokens}</div>')
     parts.append("</body></html>")
@@ -308,6 +384,20 @@ def _png_lines(tokens: Sequence[str], width: int) -> list[list[tuple[str, int]]]
             lines.append([])
             used = 0
     return lines
+
+
+def _png_prompt_segments(completion: HeatmapCompletion, width: int) -> list[tuple[str, bool]]:
+    """The PNG's prompt row: [(text, boxed), ...], labels unboxed, the prompt and answer boxed; at most `width`
+    characters in all (the prompt gives way first), or [] when neither prompt nor answer is known."""
+    segments = []
+    answer = None if completion.expected_answer is None else _shorten(completion.expected_answer, _ANSWER_CHARS)
+    answer_segments = [("  expected ", False), (answer, True)] if answer is not None else []
+    if completion.prompt is not None:
+        room = width - len("prompt ") - sum(len(text) for text, _ in answer_segments)
+        segments = [("prompt ", False), (_shorten(completion.prompt, max(min(room, PROMPT_CHARS), 12)), True)]
+    elif answer_segments:
+        answer_segments[0] = ("expected ", False)
+    return segments + answer_segments
 
 
 _BAR_COLUMNS = 24  # the PNG legend's colour bar, in character widths
@@ -347,7 +437,8 @@ def heatmap_png(
     dpi: int = 120,
 ):
     """Draws the completions like `heatmap_html` (same colours, scale, `vmax` and legend) with matplotlib and
-    saves a PNG to `path` (if given).
+    saves a PNG to `path` (if given). Token lines wrap at `width` characters; a completion's prompt and expected
+    answer share one row above its tokens, the prompt shortened in the middle to fit `width`.
 
     Returns the matplotlib `Figure` (closed after saving when `path` is given). Text is drawn literally (no
     mathtext), so `$` in a completion is just a character.
@@ -363,13 +454,16 @@ def heatmap_png(
         completions = [completions]
     scale = _Scale.of(completions, vmax)
     layouts = [_png_lines(c.tokens, width) for c in completions]
-    # One x unit per character; the page is as wide as the longest token line, title, caption or legend line (at
-    # least 48). Proportional 8-point text takes about 0.6 of a unit per character.
+    prompt_rows = [_png_prompt_segments(c, width) for c in completions]
+    # One x unit per character; the page is as wide as the longest token line, prompt row, title, caption or legend
+    # line (at least 48). Proportional 8-point text takes about 0.6 of a unit per character.
     legend_columns = _BAR_COLUMNS + 2 + 0.62 * max(len(line) for line in scale.legend_lines())
     columns = max([48, len(title) + 24, math.ceil(legend_columns)] + [len(c.caption) for c in completions])
     columns = max([columns] + [sum(len(shown) for shown, _ in line) for lines in layouts for line in lines])
-    # Rows: a title row, the legend, then per completion a caption row, its token lines and a blank spacer
-    total_rows = 1 + _LEGEND_ROWS + sum(len(lines) + 2 for lines in layouts)
+    columns = max([columns] + [sum(len(text) for text, _ in segments) for segments in prompt_rows])
+    # Rows: a title row, the legend, then per completion a caption row, its prompt row (when known), its token lines
+    # and a blank spacer
+    total_rows = 1 + _LEGEND_ROWS + sum(len(lines) + 2 + bool(p) for lines, p in zip(layouts, prompt_rows))
     char_inches, row_inches = 0.1, 0.26
     # DejaVu Sans Mono advances 0.602 em per character: this size makes one character exactly one x unit wide
     font_size = char_inches * 72 / 0.602
@@ -381,9 +475,18 @@ def heatmap_png(
     ax.text(0, 0, title, fontsize=10, weight="bold", va="center", parse_math=False)
     _draw_png_legend(ax, scale, 1)
     row = 1 + _LEGEND_ROWS
-    for completion, lines in zip(completions, layouts):
+    for completion, lines, segments in zip(completions, layouts, prompt_rows):
         ax.text(0, row, completion.caption, fontsize=8, color="#555555", va="center", parse_math=False)
         row += 1
+        if segments:
+            column = 0
+            for text, boxed in segments:
+                if boxed:
+                    ax.add_patch(Rectangle((column, row - 0.42), len(text), 0.84, facecolor="#f2f2f2", linewidth=0))
+                ax.text(column, row, text, family="DejaVu Sans Mono", fontsize=font_size, va="center",
+                        color="#222222" if boxed else "#777777", parse_math=False)
+                column += len(text)
+            row += 1
         for line in lines:
             column = 0
             for shown, index in line:
@@ -410,7 +513,7 @@ class TokenWeightHeatmapCallback(TrainerCallback):
     """Writes token-weight heatmaps of a few completions at every logging step of a `DGPOTrainer`.
 
     Files: `<output_dir>/token_weights/step_<global_step>.html` (and `.png` when `"png"` is in `formats`), from the
-    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_score="uniform"`, gets none). After each
+    trainer's `last_token_weights` (a trainer without them, e.g. `dgpo_uniform_weights=True`, gets none). After each
     evaluation, the evaluation batch's weights (`last_eval_token_weights`) go to their own files,
     `eval_step_<global_step>.html` (`eval_<name>_step_...` for each of several named eval datasets), titled as an
     evaluation: they never replace the training heatmap of the same step.
@@ -424,7 +527,11 @@ class TokenWeightHeatmapCallback(TrainerCallback):
     `vmax` (> 1) fixes the colour scale (1/vmax ... 1 ... vmax) so that all steps share it; by default each step's
     heatmap spans its own weights (see `heatmap_html`).
 
-    Usage: `trainer.add_callback(TokenWeightHeatmapCallback(trainer))`.
+    Every completion is drawn under its prompt, in the files and the trackers' images alike; `expected_answer`, a
+    callable from a prompt's text to the answer it expects (`None` where unknown), adds that answer beside it.
+
+    Usage: `trainer.add_callback(TokenWeightHeatmapCallback(trainer))`, or for a synthetic task
+    `TokenWeightHeatmapCallback(trainer, expected_answer=dgpo_trl.tasks.REVERSAL.expected_answer)`.
     """
 
     def __init__(
@@ -434,6 +541,7 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         formats: Sequence[str] = ("html", "png"),
         subdir: str = "token_weights",
         vmax: float | None = None,
+        expected_answer: Callable | None = None,
     ):
         unknown = set(formats) - {"html", "png"}
         if unknown or not formats:
@@ -445,6 +553,8 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         self.formats = tuple(formats)
         self.subdir = subdir
         self.vmax = _check_vmax(vmax)
+        _check_expected_answer(expected_answer)
+        self.expected_answer = expected_answer
         self.written: list[Path] = []
         # The weights dict drawn last, per trainer attribute (a new batch brings a new dict)
         self._last_drawn = {"last_token_weights": None, "last_eval_token_weights": None}
@@ -467,7 +577,9 @@ class TokenWeightHeatmapCallback(TrainerCallback):
         self._last_drawn[source] = token_weights
         tokenizer = self.trainer.processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a multimodal processor wraps its tokenizer
-        completions = completions_from_token_weights(token_weights, tokenizer, self.num_completions)
+        completions = completions_from_token_weights(
+            token_weights, tokenizer, self.num_completions, expected_answer=self.expected_answer
+        )
         if not completions:
             return
         directory = Path(args.output_dir) / self.subdir

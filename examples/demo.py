@@ -4,7 +4,7 @@
 1. builds a tiny random Llama and a character tokenizer (nothing is downloaded),
 2. warms it up with a short supervised fine-tune on string reversal (`r12345>` -> `54321`), so that some sampled
    completions are right and RL has a signal,
-3. trains it from that same start with DGPO and with GRPO (DGPOTrainer with `dgpo_score="uniform"`: every token
+3. trains it from that same start with DGPO and with GRPO (DGPOTrainer with `dgpo_uniform_weights=True`: every token
    weight 1, which is exactly TRL's GRPO without a KL term), same seed, data and budget,
 4. evaluates both on held-out problems with the paper's protocol (Avg@n, Cons@n, Pass@n at temperature 1.0,
    top-p 0.7),
@@ -104,7 +104,7 @@ def train(label: str, model_path: str, output_dir: Path, args, dgpo_fields: dict
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     num_generations = 8
     config = DGPOConfig(
@@ -184,7 +184,8 @@ def main(argv=None) -> dict:
 
     from dgpo_trl.data import load_synthetic_dataset
     from dgpo_trl.evaluation import ExactMatchScorer, HFGenerator, evaluate
-    from dgpo_trl.tiny import build_tiny_model, reversal_dataset, supervised_warmup
+    from dgpo_trl.tasks import REVERSAL, reversal_dataset
+    from dgpo_trl.tiny import build_tiny_model, supervised_warmup
     from dgpo_trl.visualize import completions_from_token_weights, heatmap_html, heatmap_png
 
     started = time.perf_counter()
@@ -201,8 +202,8 @@ def main(argv=None) -> dict:
 
     print(f"[2/4] RL on string reversal, {args.steps} steps x {args.prompts_per_step} prompts x 8 completions each:")
     methods = {
-        "DGPO": {"dgpo_score": "hellinger", "dgpo_tau": args.dgpo_tau, "dgpo_kappa": args.dgpo_kappa},
-        "GRPO": {"dgpo_score": "uniform"},  # w = 1 everywhere: TRL's GRPO without KL
+        "DGPO": {"dgpo_divergence": "hellinger", "dgpo_tau": args.dgpo_tau, "dgpo_kappa": args.dgpo_kappa},
+        "GRPO": {"dgpo_uniform_weights": True},  # w = 1 everywhere: TRL's GRPO without KL
     }
     trainers, train_seconds = {}, {}
     for label, fields in methods.items():
@@ -235,7 +236,9 @@ def main(argv=None) -> dict:
     dgpo = trainers["DGPO"]
     heatmap_files = []
     if dgpo.last_token_weights is not None and len(dgpo.last_token_weights["weights"]):
-        completions = completions_from_token_weights(dgpo.last_token_weights, dgpo.processing_class, max_completions=6)
+        completions = completions_from_token_weights(
+            dgpo.last_token_weights, dgpo.processing_class, max_completions=6, expected_answer=REVERSAL.expected_answer
+        )
         title = f"DGPO token weights, last batch (step {dgpo.state.global_step}, tau {args.dgpo_tau})"
         (out / "token_weights.html").write_text(heatmap_html(completions, title=title), encoding="utf-8")
         heatmap_png(completions, out / "token_weights.png", title=title)

@@ -18,10 +18,10 @@ Offline, on a tiny local model and a built-in synthetic task (what the tests run
     python examples/dgpo.py --model_name_or_path path/to/tiny --dataset_name reversal \\
         --max_steps 2 --bf16 False --gradient_checkpointing False --report_to none
 
-`--dataset_name` takes a short name (`dapo17k`, `aime2024`, `aime2025`, `math500`, `gsm8k`, `reversal`, `addition`),
-the Hub id of one of those math sets (loaded through `dgpo_trl.data`, which adds the reasoning instruction), or any
-other Hub dataset already in TRL's format (a `prompt` column plus the columns its rewards read). Command-line flags
-override the values of a `--config` file.
+`--dataset_name` takes a short name (`dapo17k`, `aime2024`, `aime2025`, `math500`, `gsm8k`, or a synthetic task of
+`dgpo_trl.tasks`: `reversal`, `addition`, `filler`), the Hub id of one of those math sets (loaded through
+`dgpo_trl.data`, which adds the reasoning instruction), or any other Hub dataset already in TRL's format (a `prompt`
+column plus the columns its rewards read). Command-line flags override the values of a `--config` file.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class DGPOScriptArguments(ScriptArguments):
         default=None,
         metadata={
             "help": f"Reward functions: names in {sorted(REWARD_FUNCTIONS)} or dotted import paths "
-            "(my_pkg.rewards.fn). Default: math_accuracy for the math sets, exact_match for the synthetic tasks."
+            "(my_pkg.rewards.fn). Default: math_accuracy for the math sets, the task's own for the synthetic tasks."
         },
     )
     overlong_buffer_length: int | None = field(

@@ -34,7 +34,9 @@ class EvaluationArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or local path of the model to evaluate."})
     dataset_name: str = field(
         default="aime2024",
-        metadata={"help": "aime2024, aime2025, math500, gsm8k, dapo17k (or their Hub ids), reversal or addition."},
+        metadata={
+            "help": "aime2024, aime2025, math500, gsm8k, dapo17k (or their Hub ids), reversal, addition or filler."
+        },
     )
     dataset_split: str | None = field(default=None, metadata={"help": "Split; default: the set's usual one."})
     num_samples: int = field(default=32, metadata={"help": "n: samples per problem (paper: 32)."})

@@ -28,7 +28,8 @@ def tiny_model_path(tmp_path_factory):
 def warm_model_path(tmp_path_factory):
     """The reversal-task tiny Llama after a short SFT warm-up: sampled completions are sometimes right, so groups
     have nonzero advantages and DGPO has something to redistribute."""
-    from dgpo_trl.tiny import build_tiny_model, reversal_dataset, supervised_warmup
+    from dgpo_trl.tasks import reversal_dataset
+    from dgpo_trl.tiny import build_tiny_model, supervised_warmup
 
     path = build_tiny_model(tmp_path_factory.mktemp("warm") / "model", hidden_size=64, num_layers=2, seed=0)
     # ~0.33 sampled accuracy after this warm-up (measured): most groups mix right and wrong completions
@@ -37,7 +38,7 @@ def warm_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reversal_train_dataset():
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     return reversal_dataset(128, seed=2)
 

@@ -20,14 +20,14 @@ DGPO_FIELDS = [f for f in dataclasses.fields(DGPOConfig) if f.name.startswith("d
 
 def test_defaults_follow_the_paper(tmp_path):
     args = DGPOConfig(**cpu_args(tmp_path))
-    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score) == (0.5, 1.0, "hellinger")
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_uniform_weights) == (0.5, 1.0, "hellinger", False)
     assert args.beta == 0.0  # the paper drops the KL term
     assert args.dgpo_target_ess is None and args.dgpo_skip_zero_advantage is True
     assert args.dgpo_entropy == "normalized"  # Eq. 12, the gate the paper's Sections 3.3 and 4.4 write
 
 
 def test_every_dgpo_field_is_documented():
-    assert {f.name for f in DGPO_FIELDS} >= {"dgpo_tau", "dgpo_kappa", "dgpo_score", "dgpo_chunk_size"}
+    assert {f.name for f in DGPO_FIELDS} >= {"dgpo_tau", "dgpo_kappa", "dgpo_divergence", "dgpo_uniform_weights", "dgpo_chunk_size"}
     for f in DGPO_FIELDS:
         assert f.metadata.get("help"), f.name
         assert f"{f.name} (`" in DGPOConfig.__doc__, f.name
@@ -43,7 +43,8 @@ def test_every_dgpo_field_is_documented():
         ("dgpo_tau", "0.5", "dgpo_tau must be a finite number > 0, got '0.5' of type str"),
         ("dgpo_kappa", -0.1, "dgpo_kappa must be a finite number >= 0"),
         ("dgpo_kappa", float("nan"), "dgpo_kappa must be a finite number >= 0"),
-        ("dgpo_score", "kl", r"dgpo_score must be one of \['hellinger', 'reverse_kl', 'uniform'\]"),
+        ("dgpo_divergence", "kl", r"dgpo_divergence must be one of \['hellinger', 'reverse_kl'\]"),
+        ("dgpo_uniform_weights", "yes", r"dgpo_uniform_weights must be True or False"),
         ("dgpo_entropy", "bits", r"dgpo_entropy must be one of \['normalized', 'nats'\]"),
         ("dgpo_entropy", None, r"dgpo_entropy must be one of \['normalized', 'nats'\]"),
         ("dgpo_chunk_size", 0, "dgpo_chunk_size must be an integer >= 1"),
@@ -93,7 +94,7 @@ def test_sequence_level_importance_sampling_that_cancels_the_weights_is_rejected
         DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="dapo"))
     # token-gradient losses and the uniform switch keep working at the sequence level
     DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="vespo"))
-    DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="luspo", dgpo_score="uniform"))
+    DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="luspo", dgpo_uniform_weights=True))
 
 
 def test_beta_above_zero_warns_but_works(tmp_path):
@@ -104,19 +105,19 @@ def test_beta_above_zero_warns_but_works(tmp_path):
     assert [w.filename for w in record if "KL penalty" in str(w.message)] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        DGPOConfig(**cpu_args(tmp_path, beta=0.04, dgpo_score="uniform"))
+        DGPOConfig(**cpu_args(tmp_path, beta=0.04, dgpo_uniform_weights=True))
 
 
 def test_a_plain_grpo_config_gets_dgpo_defaults_and_checks(tmp_path):
     settings = validate_dgpo_arguments(GRPOConfig(**cpu_args(tmp_path)))
-    assert (settings.tau, settings.kappa, settings.score) == (0.5, 1.0, "hellinger")
+    assert (settings.tau, settings.kappa, settings.divergence) == (0.5, 1.0, "hellinger")
     with pytest.raises(ValueError, match="cancels"):
         validate_dgpo_arguments(GRPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence")))
 
 
 def test_warning_from_a_plain_grpo_config_points_at_the_trainer_call(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOTrainer
-    from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+    from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
     args = GRPOConfig(**cpu_args(tmp_path, beta=0.04))
     with pytest.warns(UserWarning, match="beta=0.04 adds TRL's KL penalty") as record:
@@ -129,13 +130,13 @@ def test_cli_parses_dgpo_fields(tmp_path):
     (args,) = parser.parse_args_and_config(
         [
             "--output_dir", str(tmp_path), "--bf16", "false", "--dgpo_tau", "0.7", "--dgpo_kappa", "0",
-            "--dgpo_score", "reverse_kl", "--dgpo_target_ess", "0.8", "--dgpo_entropy", "nats",
+            "--dgpo_divergence", "reverse_kl", "--dgpo_target_ess", "0.8", "--dgpo_entropy", "nats",
         ]
     )
-    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_score, args.dgpo_target_ess) == (0.7, 0.0, "reverse_kl", 0.8)
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_target_ess) == (0.7, 0.0, "reverse_kl", 0.8)
     assert args.dgpo_entropy == "nats"
-    with pytest.raises(SystemExit):  # argparse rejects an unknown score before the dataclass is built
-        parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dgpo_score", "forward_kl"])
+    with pytest.raises(SystemExit):  # argparse rejects an unknown divergence before the dataclass is built
+        parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dgpo_divergence", "forward_kl"])
 
 
 def _import_with_trl_version(tmp_path, trl_version):
@@ -169,3 +170,55 @@ def test_the_supported_trl_release_matches_the_package_metadata(tmp_path):
     result = _import_with_trl_version(tmp_path, "1.16.3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "1.16.3"  # the stand-in was the distribution checked
+
+
+def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(tiny_model_path, reversal_train_dataset,
+                                                                          tmp_path, caplog):
+    """The refusal used to suggest cispo/vespo at sequence level, which TRL then warns against; what it suggests now
+    builds a trainer without a warning from TRL."""
+    import logging
+
+    from dgpo_trl import DGPOTrainer
+    from dgpo_trl.tasks import exact_match_reward
+
+    with pytest.raises(ValueError) as refused:
+        DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="grpo"))
+    message = str(refused.value)
+    assert "cispo" not in message and "vespo" not in message
+    assert "importance_sampling_level='token'" in message and "loss_type='grpo'" in message
+    with caplog.at_level(logging.WARNING, logger="trl"):
+        DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                    args=DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="token", loss_type="grpo")))
+    assert not [r for r in caplog.records if r.name.startswith("trl") and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(("value", "field", "expected"), [
+    ("reverse_kl", "dgpo_divergence", "reverse_kl"), ("hellinger", "dgpo_divergence", "hellinger"),
+    ("uniform", "dgpo_uniform_weights", True),
+])  # fmt: skip
+def test_dgpo_score_is_a_deprecated_alias_that_warns_once(tmp_path, value, field, expected):
+    with pytest.warns(FutureWarning, match=f"dgpo_score is deprecated.*use {field}") as record:
+        args = DGPOConfig(**cpu_args(tmp_path, dgpo_score=value))
+    assert getattr(args, field) == expected and args.dgpo_score is None
+    assert len([w for w in record if "dgpo_score" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        validate_dgpo_arguments(args)  # used at every step: no warning again
+    with pytest.raises(ValueError, match="dgpo_score .*must be one of \\['hellinger', 'reverse_kl', 'uniform'\\]"):
+        DGPOConfig(**cpu_args(tmp_path, dgpo_score="kl"))
+
+
+@pytest.mark.filterwarnings("ignore:dgpo_score is deprecated")
+def test_a_config_with_the_deprecated_dgpo_score_trains_as_before(warm_model_path, reversal_train_dataset, tmp_path):
+    from dgpo_trl import DGPOTrainer
+    from dgpo_trl.tasks import exact_match_reward
+
+    logged = {}
+    for name, fields in {"old": {"dgpo_score": "reverse_kl"}, "new": {"dgpo_divergence": "reverse_kl"}}.items():
+        trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
+                              args=DGPOConfig(**cpu_args(tmp_path / name, max_steps=2, **fields)))  # fmt: skip
+        trainer.train()
+        logged[name] = [(row.get("loss"), row.get("dgpo/divergence/mean"), row.get("dgpo/reverse_kl/mean"))
+                        for row in trainer.state.log_history if "dgpo/divergence/mean" in row]  # fmt: skip
+    assert logged["old"] == logged["new"] and len(logged["old"]) == 2
+    assert all(divergence == reverse_kl for _, divergence, reverse_kl in logged["old"])  # d_t is the reverse KL

@@ -1,7 +1,9 @@
 """The example scripts, run as a user runs them (subprocesses, offline, on tiny local models)."""
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -102,20 +104,45 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     for row in summary["rows"]:
         assert 0.0 <= row["avg@4"] <= row["pass@4"] <= 1.0
     assert "| DGPO" in result.stdout and "| GRPO" in result.stdout
-    assert "One seed is not a comparison" in result.stdout and "docs/results.md" in result.stdout
+    # The one-seed note states this run's difference and its sampling noise, as its own results file holds them
+    avg = {row["method"]: row["avg@4"] for row in summary["rows"]}
+    difference, sampling = printed_noise(result.stdout)
+    assert difference == pytest.approx(100 * (avg["DGPO"] - avg["GRPO"]), abs=0.05 + 1e-9)
+    assert sampling == pytest.approx(binomial_95(avg["DGPO"], avg["GRPO"], draws=8 * 4), abs=0.05 + 1e-9)
     assert f"Reward curves:  {(output_dir / 'reward_curves.png').resolve()}" in result.stdout
+    # The heatmap shows each completion under its string to reverse and the expected answer
+    page = (output_dir / "token_weights.html").read_text()
+    rows = re.findall(r'prompt <span class="dgpo-text" title="r(\d+)&gt;">r\1&gt;</span> · expected '
+                      r'<span class="dgpo-text">(\d+)</span>', page)
+    assert len(rows) == page.count('class="dgpo-completion"') > 0
+    assert all(expected == digits[::-1] for digits, expected in rows)
+    assert (output_dir / "token_weights.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_demo_says_how_large_a_difference_one_seed_can_show():
+def printed_noise(text):
+    """The difference and the sampling noise (95%, points) that the demo's one-seed note prints."""
+    difference = float(re.search(r"DGPO - GRPO is ([+-]\d+\.\d) points", text).group(1))
+    sampling = float(re.search(r"about ±(\d+\.\d) \(95%\)", text).group(1))
+    return difference, sampling
+
+
+def binomial_95(avg_a, avg_b, draws):
+    """Half-width, in points, of the 95% interval of a difference of two Avg@n over `draws` samples each."""
+    p = (avg_a + avg_b) / 2
+    return 100 * 1.96 * math.sqrt(2 * p * (1 - p) / draws)
+
+
+@pytest.mark.parametrize(("avg_dgpo", "avg_grpo", "problems", "samples"), [(0.564, 0.596, 100, 8), (0.9, 0.5, 8, 4)])
+def test_the_demo_notes_the_difference_it_measured_and_its_sampling_noise(avg_dgpo, avg_grpo, problems, samples):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    differences = list(demo.SEED_DIFFERENCES.values())
-    # measured with the defaults: differences of both signs, several points wide, with no real difference
-    assert len(differences) >= 4 and min(differences) < -3 and max(differences) > 3
-    note = demo.noise_note(0.564, 0.596, problems=100, samples=8)
-    assert "-3.2, -8.5, +6.9, +4.7 points" in note and "Here DGPO - GRPO is -3.2 points" in note
-    assert "about ±4.8 (95%)" in note  # 1.96 * sqrt(2 p (1 - p) / 800), p = 0.58
-    assert "docs/results.md" in note and (REPO_ROOT / "docs" / "results.md").is_file()
+    note = demo.noise_note(avg_dgpo, avg_grpo, problems=problems, samples=samples)
+    difference, sampling = printed_noise(note)
+    assert difference == pytest.approx(100 * (avg_dgpo - avg_grpo), abs=0.05 + 1e-9)
+    assert sampling == pytest.approx(binomial_95(avg_dgpo, avg_grpo, problems * samples), abs=0.05 + 1e-9)
+    # Every file of the repository the note sends the reader to exists
+    named = re.findall(r"\b(?:docs|benchmarks|examples)/[\w./-]+\.(?:md|py)\b", note)
+    assert named and all((REPO_ROOT / path).is_file() for path in named), named

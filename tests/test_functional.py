@@ -61,16 +61,16 @@ def test_logit_scale_softcap_and_temperature_are_applied_like_trl():
     assert (plain.entropy - fast.entropy).abs().max() > 0.05
 
 
-def test_public_divergence_and_entropy_selects_the_score():
+def test_public_divergence_and_entropy_selects_the_divergence():
     hp, wp, hq, wq, _, _ = random_heads(seed=2)
     ref = token_statistics_reference(hp, wp, hq, wq)
     d, h = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32)
     torch.testing.assert_close(d, ref.hellinger, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(h, ref.entropy, atol=2e-5, rtol=1e-4)
-    kl, _ = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32, score="reverse_kl")
+    kl, _ = token_divergence_and_entropy(hp, wp, hq, wq, chunk_size=32, divergence="reverse_kl")
     torch.testing.assert_close(kl, ref.reverse_kl, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="score"):
-        token_divergence_and_entropy(hp, wp, hq, wq, score="forward_kl")
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        token_divergence_and_entropy(hp, wp, hq, wq, divergence="forward_kl")
 
 
 def test_hellinger_is_zero_for_equal_models_and_bounded():
@@ -289,3 +289,15 @@ def test_tau_for_target_ess_calls_reduce_the_same_number_of_times_whatever_the_d
 def test_functional_module_does_not_import_trl():
     code = "import sys, dgpo_trl.functional, dgpo_trl; assert 'trl' not in sys.modules, 'trl imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-8, 1e-45, 1e-310])
+def test_weights_stay_finite_for_any_positive_tau(dtype, tau):
+    """s / tau overflowed for tiny taus (NaN weights); the weights now reach the softmax's limit: each sequence's
+    weight shared by its top-scoring tokens, mean 1, also where tau rounds to 0 in the scores' dtype."""
+    scores = torch.tensor([[0.1, 0.3, 0.3, 0.0], [0.5, 0.2, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    weights = weights_from_scores(scores, mask, tau)
+    expected = torch.tensor([[0, 2, 2, 0], [2, 0, 0, 0], [1, 1, 1, 0]], dtype=dtype)
+    assert torch.equal(weights, expected)

@@ -1,8 +1,8 @@
 """The GPU kit (`benchmarks/gpu_check.py`) and the users'-scale step benchmark's model preparation, on CPU.
 
-The kit is meant for a GPU machine lent once in a while, for minutes; its dry run (tiny shapes, CPU) runs the same
-code paths here, so the kit cannot rot between loans: every section must run, and its JSON must hold every section
-with sane values. Nothing here times anything.
+The kit runs on a GPU machine without network access, where a failure is costly to diagnose; its dry run (tiny
+shapes, CPU) runs the same code paths in every test run, so the kit cannot rot between GPU runs: every section must
+run, and its JSON must hold every section with sane values. Nothing here times anything.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,6 @@ BENCH = ROOT / "benchmarks"
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else None
@@ -45,8 +45,24 @@ def test_dry_run_writes_every_section(dry_run):
     for name, record in report["sections"].items():
         assert record["status"] == "passed", (name, record.get("error"), record.get("traceback"))
         assert record["seconds"] >= 0
-    # The summary is printed last (the device tool returns the output's tail)
+    # The summary is printed last, so that the output's tail holds it
     assert "[passed] steps" in proc.stdout
+    # Everything lands under --out, the steps section's runs file included
+    assert (out / "steps" / "steps_gpu_check.runs.jsonl").stat().st_size > 0
+
+
+def test_results_go_to_out_else_the_results_folder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    monkeypatch.setenv("OUT", str(tmp_path / "elsewhere"))  # an unrelated variable of the user's shell: not read
+    assert gpu_check.output_dir(tmp_path / "mine", dry_run=False) == tmp_path / "mine"
+    assert gpu_check.output_dir(tmp_path / "mine", dry_run=True) == tmp_path / "mine"
+    assert gpu_check.output_dir(None, dry_run=False) == BENCH / "results" / "gpu_check"
+    # A dry run's tiny-shape numbers never land among the results
+    assert gpu_check.output_dir(None, dry_run=True) == Path(tempfile.gettempdir()) / "dgpo_gpu_check_dry"
 
 
 @pytest.mark.slow
@@ -67,6 +83,10 @@ def test_dry_run_values_are_sane(dry_run):
         assert row["within_tolerance"] and row["max_abs_err"] < 1e-4, row
         assert 0.0 < row["mean_hellinger"] < 1.0 and row["mean_entropy"] > 0.0
     assert parity["compile_sm90"]["status"] in ("passed", "skipped", "unavailable"), parity["compile_sm90"]
+    # The kernel guard's check ran on both dtypes; on CPU the default dispatch runs the torch tiles and checks nothing
+    assert [row["dtype"] for row in parity["kernel_guard"]] == ["float32", "bfloat16"]
+    for row in parity["kernel_guard"]:
+        assert row["paths"] == ["tiles", "tiles"] and row["checks"] == 0 and row["warnings"] == [], row
 
     divergence = sections["divergence"]
     timed = [row for row in divergence["rows"] if "time_ms" in row]

@@ -4,20 +4,27 @@ Where each part runs:
 - CUDA tests: only on a CUDA device with Triton installed; skipped otherwise (never faked).
 - Interpreter test: when Triton is importable, the same parity cases run on CPU tensors under Triton's interpreter in
   a subprocess (TRITON_INTERPRET=1 must be set before Triton is imported, so it cannot share this process).
+- Kernel-guard tests: the guard around the kernel in `token_statistics`' default dispatch, with the kernel under
+  Triton's interpreter in one subprocess (the default dispatch made to pick the kernel on CPU tensors there).
 - The split-merge and dispatch tests need neither.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from dgpo_trl import functional
 from dgpo_trl.functional import TokenStatistics, _use_fused_kernel, token_statistics, token_statistics_reference
 from dgpo_trl.kernels import divergence
 
@@ -169,6 +176,229 @@ def test_fused_kernel_parity_under_interpreter():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The kernel guard (default dispatch), under Triton's interpreter in a subprocess: the cases below run there, each
+# with a fresh guard state, and report "ok" or their traceback; one test per case reads its report.
+
+GUARD_INPUTS = dict(n=37, vocab=150, h_p=24, h_q=16, bias=True, spread=3.0)
+GUARD_TILING = dict(token_chunk_size=16)  # the check covers the first 16 of 37 tokens
+
+
+class _Calls:
+    """Wraps `owner.name`, recording the number of rows (the first argument's length) of each call."""
+
+    def __init__(self, monkeypatch, owner, name, transform=None):
+        self.rows, self.original, self.transform = [], getattr(owner, name), transform
+        monkeypatch.setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs["policy_hidden"]
+        self.rows.append(hidden.shape[0])
+        out = self.original(*args, **kwargs)
+        return out if self.transform is None else self.transform(out)
+
+
+class _FailingLaunch:
+    """Stands in for the compiled kernel: every launch raises what Triton raises when a kernel needs more shared
+    memory than the GPU has."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            self.launches += 1
+            raise OutOfResources(232448, 101376, "shared memory")
+
+        return launch
+
+
+def _guard_warnings(caught) -> list[str]:
+    # The interpreter's numpy emits RuntimeWarnings of its own (inf - inf on padded columns): only the guard's count
+    return [str(w.message) for w in caught if "fused Triton kernel" in str(w.message)]
+
+
+def _assert_same(got: TokenStatistics, want: TokenStatistics):
+    for field, g, w in zip(TokenStatistics._fields, got, want):
+        assert torch.equal(g, w), field
+
+
+def _guard_case_launch_raises(monkeypatch):
+    args = _inputs(**GUARD_INPUTS)
+    failing = _FailingLaunch()
+    monkeypatch.setattr(divergence, "_kernel", failing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = token_statistics(**args, **GUARD_TILING)
+        messages = _guard_warnings(caught)
+        assert len(messages) == 1 and "OutOfResources" in messages[0] and "shared memory" in messages[0], messages
+        assert failing.launches == 1 and functional.last_divergence_path() == "tiles"
+        _assert_same(got, token_statistics(**args, **GUARD_TILING, use_triton=False))
+        check = functional._KERNEL_CHECKS[functional._kernel_key(dict(args, temperature=1.0, logit_scale=1.0,
+                                                                      final_logit_softcapping=None))]
+        assert not check.passed and check.error.startswith("OutOfResources"), check
+        # Later calls with the same key (any number of tokens) run the tiles without launching or warning again
+        fewer = {k: v[:23] if k in ("policy_hidden", "ref_hidden", "labels") else v for k, v in args.items()}
+        got = token_statistics(**fewer, **GUARD_TILING)
+        assert failing.launches == 1 and len(_guard_warnings(caught)) == 1
+        assert functional.last_divergence_path() == "tiles"
+        _assert_same(got, token_statistics(**fewer, **GUARD_TILING, use_triton=False))
+        # An explicit use_triton=True is not guarded: the kernel's error reaches the caller
+        from triton.runtime.errors import OutOfResources
+
+        with pytest.raises(OutOfResources):
+            token_statistics(**args, use_triton=True)
+
+
+def _perturbed(delta):
+    def perturb(out):  # one token of the first chunk: its Hellinger distance off by delta
+        hellinger = out[2].clone()
+        hellinger[3] += delta
+        return (*out[:2], hellinger, *out[3:])
+
+    return perturb
+
+
+def _guard_case_disagrees(monkeypatch):
+    tolerance = functional._KERNEL_TOLERANCE
+    # Within the tolerance (|value| <= 1 there, so the limit is between 1x and 2x the tolerance): the kernel's result
+    kernel = _Calls(monkeypatch, divergence, "fused_token_statistics", transform=_perturbed(0.5 * tolerance))
+    args = _inputs(**GUARD_INPUTS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = token_statistics(**args, **GUARD_TILING)
+        assert not _guard_warnings(caught) and functional.last_divergence_path() == "fused"
+        assert got.hellinger[3] == token_statistics(**args, use_triton=True).hellinger[3]  # perturbed, kept
+    # Beyond it, for another key (another vocabulary): one warning with the field and the largest difference
+    kernel.transform = _perturbed(3 * tolerance)
+    args = _inputs(**dict(GUARD_INPUTS, vocab=151))
+    tiles = token_statistics(**args, **GUARD_TILING, use_triton=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = token_statistics(**args, **GUARD_TILING)
+        messages = _guard_warnings(caught)
+        assert len(messages) == 1 and "hellinger differs by up to" in messages[0], messages
+        reported = float(re.search(r"differs by up to ([0-9.e+-]+)", messages[0]).group(1))
+        assert reported == pytest.approx(3 * tolerance, rel=1e-2), messages  # the perturbation, plus rounding
+        assert functional.last_divergence_path() == "tiles"
+        _assert_same(got, tiles)
+        calls = len(kernel.rows)
+        got = token_statistics(**args, **GUARD_TILING)
+        assert len(kernel.rows) == calls and len(_guard_warnings(caught)) == 1  # tiles from then on, no re-check
+        assert functional.last_divergence_path() == "tiles"
+        _assert_same(got, tiles)
+
+
+def _guard_case_agrees(monkeypatch):
+    kernel = _Calls(monkeypatch, divergence, "fused_token_statistics")
+    tiles = _Calls(monkeypatch, functional, "_tiled_token_statistics")
+    args = _inputs(**GUARD_INPUTS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = token_statistics(**args, **GUARD_TILING)
+        assert functional.last_divergence_path() == "fused"
+        assert kernel.rows == [37] and tiles.rows == [16]  # the kernel on every token, the tiles on the first chunk
+        _assert_same(got, token_statistics(**args, use_triton=True))
+        want = token_statistics(**args, **GUARD_TILING, use_triton=False)
+        for field, g, w in zip(TokenStatistics._fields, got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=field)
+        kernel.rows.clear()
+        tiles.rows.clear()
+        # Checked once per key: the same key with other tokens runs the kernel alone
+        fewer = {k: v[:23] if k in ("policy_hidden", "ref_hidden", "labels") else v for k, v in args.items()}
+        token_statistics(**fewer, **GUARD_TILING)
+        assert kernel.rows == [23] and tiles.rows == []
+        assert functional.last_divergence_path() == "fused"
+        # Another key (bf16 inputs) is checked again
+        half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in args.items()}
+        token_statistics(**half, **GUARD_TILING)
+        assert kernel.rows == [23, 37] and tiles.rows == [16]
+        assert functional.last_divergence_path() == "fused"
+        assert not _guard_warnings(caught)
+    checks = list(functional._KERNEL_CHECKS.values())
+    assert len(checks) == 2 and all(c.passed and c.difference <= c.tolerance for c in checks), checks
+
+
+def _guard_case_disabled(monkeypatch):
+    monkeypatch.setenv("DGPO_TRITON", "0")
+    kernel = _Calls(monkeypatch, divergence, "fused_token_statistics")
+    tiles = _Calls(monkeypatch, functional, "_tiled_token_statistics")
+    args = _inputs(**GUARD_INPUTS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = token_statistics(**args, **GUARD_TILING)
+        assert kernel.rows == [] and tiles.rows == [37] and functional._KERNEL_CHECKS == {}
+        assert functional.last_divergence_path() == "tiles" and not _guard_warnings(caught)
+    _assert_same(got, token_statistics(**args, **GUARD_TILING, use_triton=False))
+
+
+GUARD_CASES = {
+    "launch_raises": _guard_case_launch_raises,
+    "disagrees": _guard_case_disagrees,
+    "agrees": _guard_case_agrees,
+    "disabled": _guard_case_disabled,
+}
+
+
+def run_guard_cases() -> dict:
+    """Runs every guard case with a fresh guard state and the default dispatch picking the kernel on CPU tensors."""
+    report = {"path_before_any_call": functional.last_divergence_path(), "cases": {}}
+    for name, case in GUARD_CASES.items():
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(functional, "_KERNEL_DEVICES", ("cuda", "cpu"))
+            monkeypatch.setattr(functional, "_KERNEL_CHECKS", {})
+            monkeypatch.delenv("DGPO_TRITON", raising=False)
+            try:
+                case(monkeypatch)
+                report["cases"][name] = "ok"
+            except Exception:  # noqa: BLE001 - reported to the test that reads this case
+                report["cases"][name] = traceback.format_exc()
+    return report
+
+
+@pytest.fixture(scope="module")
+def kernel_guard_report():
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("DGPO_TRITON", None)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--kernel-guard"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_guard_falls_back_once_when_the_launch_raises(kernel_guard_report):
+    """A launch that raises: one warning naming the error, the tiles' result, the tiles from then on without another
+    launch or warning; `use_triton=True` still lets the error through."""
+    assert kernel_guard_report["cases"]["launch_raises"] == "ok", kernel_guard_report["cases"]["launch_raises"]
+
+
+def test_kernel_guard_falls_back_once_when_the_kernel_disagrees(kernel_guard_report):
+    """A result perturbed by half the tolerance is kept; by 3x, one warning naming the field and the difference, the
+    tiles' result, the tiles from then on."""
+    assert kernel_guard_report["cases"]["disagrees"] == "ok", kernel_guard_report["cases"]["disagrees"]
+
+
+def test_kernel_guard_checks_an_agreeing_kernel_once_per_key(kernel_guard_report):
+    """An agreeing kernel: no warning, the tiles run on the first chunk once per key, `last_divergence_path()` is
+    "fused" (and None in a process that has not run the pass yet)."""
+    assert kernel_guard_report["path_before_any_call"] is None
+    assert kernel_guard_report["cases"]["agrees"] == "ok", kernel_guard_report["cases"]["agrees"]
+
+
+def test_kernel_guard_is_skipped_with_dgpo_triton_0(kernel_guard_report):
+    """DGPO_TRITON=0: the tiles, no kernel launch and no check."""
+    assert kernel_guard_report["cases"]["disabled"] == "ok", kernel_guard_report["cases"]["disabled"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # CUDA
 
 
@@ -225,3 +455,6 @@ if __name__ == "__main__":
         for line in check_parity("cpu"):
             print(line)
         print("parity ok")
+    if "--kernel-guard" in sys.argv:
+        assert divergence.INTERPRETER, "run with TRITON_INTERPRET=1"
+        print(json.dumps(run_guard_cases()))

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,68 +14,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "learning"
 
-# Loaded under a private name: `benchmarks/learning` is not a package, and a bare `tasks` could shadow another module
-_spec = importlib.util.spec_from_file_location("_learning_study_tasks", STUDY / "tasks.py")
-tasks = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = tasks  # dataclasses resolve their module through sys.modules
-_spec.loader.exec_module(tasks)
-TASKS, answer_positions, final_answer_reward = tasks.TASKS, tasks.answer_positions, tasks.final_answer_reward
-
 
 def _load_study():
-    """study.py under a private name, with its `tasks` import served by the module above; the environment variables
-    and sys.path entry it sets for its own processes are undone here."""
-    saved_env, saved_path, previous = dict(os.environ), list(sys.path), sys.modules.get("tasks")
-    sys.modules["tasks"] = tasks
+    """study.py under a private name (`benchmarks/learning` is not a package); the environment variables it sets for
+    its own processes are undone here."""
+    saved_env = dict(os.environ)
     try:
         spec = importlib.util.spec_from_file_location("_learning_study", STUDY / "study.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
+        sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
         spec.loader.exec_module(module)
         return module
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
-        sys.path[:] = saved_path
-        if previous is None:
-            del sys.modules["tasks"]
-        else:
-            sys.modules["tasks"] = previous
 
 
-def test_splits_are_disjoint_and_deterministic():
-    for task in TASKS.values():
-        splits = task.splits(seed=3, n_sft=300, n_train=200, n_eval=100)
-        prompts = {name: {row["prompt"] for row in rows} for name, rows in splits.items()}
-        assert [len(prompts[k]) for k in ("sft", "train", "eval")] == [300, 200, 100]
-        assert not (prompts["eval"] & prompts["train"]) and not (prompts["eval"] & prompts["sft"])
-        assert not (prompts["train"] & prompts["sft"])
-        assert task.splits(seed=3, n_sft=300, n_train=200, n_eval=100) == splits
-
-
-def test_filler_task_rewards_only_the_answer_after_the_last_equals_sign():
-    task = TASKS["filler"]
-    prompt, answer = task.make_prompt(random.Random(0))
-    target = task.sft_target(answer, random.Random(1))
-    assert target.endswith("=" + answer) and len(target) <= task.max_completion_length
-    assert final_answer_reward([target, "abc=" + answer, "x=1=" + answer, answer, target + "0"], [answer] * 5) == [
-        1.0, 1.0, 1.0, 0.0, 0.0,
-    ]
-    tokens = list("abca=321") + ["<eos>"]
-    assert answer_positions(tokens) == [False] * 4 + [True] * 5
-    assert answer_positions(list("abc")) == [False] * 3
-
-
-def test_vocabulary_variants_share_the_base_prompts_and_reject_padded_ids():
+def test_study_tasks_are_the_toolkit_tasks_and_their_vocabulary_variants():
+    from dgpo_trl.tasks import TASKS as SYNTHETIC_TASKS
     from dgpo_trl.tiny import build_tokenizer
 
-    assert tasks.NATIVE_VOCAB_SIZE == len(build_tokenizer())
-    for name, task in TASKS.items():
+    study = _load_study()
+    assert study.NATIVE_VOCAB_SIZE == len(build_tokenizer())
+    for name in ("reversal", "filler"):
+        task, toolkit = study.TASKS[name], SYNTHETIC_TASKS[name]
+        assert task.vocab_size is None and task.base is None
+        assert (task.reward, task.description, task.max_completion_length) == (
+            toolkit.reward, toolkit.description, toolkit.max_completion_length)
+        assert task.splits(1, 50, 20, 10) == toolkit.splits(1, 50, 20, 10)
+    for name, task in study.TASKS.items():
         if task.vocab_size:
             assert name == f"{task.base}_v{task.vocab_size}"
-            assert task.splits(1, 50, 20, 10) == TASKS[task.base].splits(1, 50, 20, 10)
-    study = _load_study()
-    reward = study.padded_aware_reward(TASKS["reversal"], n_real=99)
+            assert task.splits(1, 50, 20, 10) == study.TASKS[task.base].splits(1, 50, 20, 10)
+    assert {task.vocab_size for task in study.TASKS.values()} == {None, *study.VOCAB_SIZES}
+    reward = study.padded_aware_reward(study.TASKS["reversal"], n_real=99)
     logged = {}
     # "321" decoded from [7, 6, 5], and from [7, 5000, 6, 5] (the padded id 5000 vanishes when decoded): only the first
     # is right
@@ -133,7 +104,7 @@ def test_quick_study_runs_end_to_end(tmp_path):
     model = json.loads((out / "models" / "reversal_v32000" / "seed0" / "config.json").read_text())
     assert model["vocab_size"] == 32000
     warmup = json.loads((out / "models" / "reversal_v32000" / "seed0" / "warmup.json").read_text())
-    assert warmup["real_tokens"] == tasks.NATIVE_VOCAB_SIZE
+    assert warmup["real_tokens"] == _load_study().NATIVE_VOCAB_SIZE
     assert warmup["tail_after"]["tail_mass"] < warmup["tail_before"]["tail_mass"]
     history = json.loads((out / "runs" / "reversal_v32000" / "dgpo_nats_tau0.5" / "seed0.json").read_text())["history"]
     assert all(math.isfinite(h) and h > 0 for h in history["dgpo/entropy/mean"])

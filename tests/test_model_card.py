@@ -7,7 +7,7 @@ from conftest import cpu_args
 from trl import GRPOConfig
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.tasks import exact_match_reward
 
 
 DGPO_TITLE = "DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment"
@@ -48,7 +48,7 @@ def test_model_card_credits_and_cites_the_dgpo_paper(tiny_model_path, reversal_t
 def test_the_card_written_with_a_checkpoint_credits_dgpo(tiny_model_path, reversal_train_dataset, tmp_path):
     trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
                           args=DGPOConfig(**cpu_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1,
-                                                     dgpo_score="uniform")))
+                                                     dgpo_uniform_weights=True)))
     trainer.train()
     assert (tmp_path / "checkpoint-1").is_dir()
     assert_credits_dgpo((tmp_path / "README.md").read_text())

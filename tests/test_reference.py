@@ -14,8 +14,9 @@ from conftest import cpu_args
 from toolkit_fixtures import length_reward
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
-from dgpo_trl.reference import REFERENCE_ADAPTER, backbone_forward, causal_lm
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.forwards import backbone_forward, causal_lm
+from dgpo_trl.reference import REFERENCE_ADAPTER
+from dgpo_trl.tasks import exact_match_reward
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,8 @@ def test_two_trainers_in_a_row_on_one_peft_model(warm_model_path, reversal_train
         assert divergence[0] == 0.0 and divergence[-1] > 0.0, (run, divergence)
         trained = adapter_state(model, "default")
         assert any(not torch.equal(trained[name], passed[name]) for name in passed), run
-        assert all(torch.equal(adapter_state(model, REFERENCE_ADAPTER)[n], reference[n]) for n in reference)
+        # After training the model holds what GRPOTrainer leaves: the trained adapter only
+        assert sorted(model.peft_config) == ["default"], run
 
 
 def test_saves_and_resume_leave_the_reference_adapter_out(warm_model_path, reversal_train_dataset, tmp_path):
@@ -120,7 +122,7 @@ def test_rows_without_a_valid_token_are_neither_forwarded_nor_counted(
     # No completion ends (with EOS or padding) within 3 tokens: all are truncated
     trainer.generation_config.suppress_tokens = [*trainer.eos_token_ids, trainer.processing_class.pad_token_id]
     forwards = []
-    backbone = causal_lm(trainer._reference()).base_model
+    backbone = causal_lm(trainer.reference.model).base_model
     handle = backbone.register_forward_hook(lambda module, args, output: forwards.append(args))
     trainer.train()
     handle.remove()
@@ -145,7 +147,7 @@ def test_bf16_policy_and_reference_are_scored_alike(tiny_model_path, reversal_tr
     ))  # fmt: skip
     trainer = DGPOTrainer(model, exact_match_reward, args=args, train_dataset=reversal_train_dataset)
     policy_head = causal_lm(trainer._policy()).get_output_embeddings().weight
-    reference_head = causal_lm(trainer._reference()).get_output_embeddings().weight
+    reference_head = causal_lm(trainer.reference.model).get_output_embeddings().weight
     assert policy_head.dtype == reference_head.dtype == (torch.float32 if cast_lm_head_to_fp32 else torch.bfloat16)
     trainer.train()
     assert history(trainer, "dgpo/divergence/max") == [0.0]
@@ -168,11 +170,14 @@ def test_backbone_forward_restores_the_forward_it_replaces(tiny_model_path, reve
     torch.testing.assert_close(hidden, policy.base_model(input_ids=ids).last_hidden_state)
     assert calls == [policy] and vars(policy)["forward"] is fused
 
-    def failing_head(hidden):
+    handle.remove()
+
+    def failing_layer(module, args):
         raise RuntimeError("boom")
 
+    handle = policy.base_model.layers[0].register_forward_pre_hook(failing_layer)
     with pytest.raises(RuntimeError, match="boom"):
-        backbone_forward(policy, policy, {"input_ids": ids}, head=failing_head)
+        backbone_forward(policy, policy, {"input_ids": ids})
     assert vars(policy)["forward"] is fused
     handle.remove()
 
@@ -220,3 +225,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_ref_named_adapter_is_refused_before_the_model_is_touched(warm_model_path, reversal_train_dataset, tmp_path):
+    """Refused before GRPOTrainer patches the model's forward (it used to be refused after)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(warm_model_path)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+                           adapter_name=REFERENCE_ADAPTER)  # fmt: skip
+    with pytest.raises(ValueError, match="active adapter is named 'ref'"):
+        DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
+                    train_dataset=reversal_train_dataset)  # fmt: skip
+    assert "forward" not in vars(base)  # TRL's fused LM head patches it as an instance attribute
+
+
+@pytest.mark.slow
+def test_the_users_peft_model_is_left_without_the_reference_adapter(warm_model_path, reversal_train_dataset, tmp_path):
+    """After train() the user's PeftModel holds what GRPOTrainer leaves (its save writes no ref/ folder); the trainer
+    puts its reference back when it needs it again (an evaluation: d = 0 there would mean a wrong reference)."""
+    model = pretrained_adapter(warm_model_path)
+    passed = adapter_state(model, "default")
+    args = DGPOConfig(**cpu_args(tmp_path, max_steps=2, learning_rate=3e-3, dgpo_skip_zero_advantage=False,
+                                 eval_strategy="no", per_device_eval_batch_size=32))  # fmt: skip
+    trainer = DGPOTrainer(model, length_reward, args=args, train_dataset=reversal_train_dataset,
+                          eval_dataset=reversal_train_dataset.select(range(8)))  # fmt: skip
+    trainer.train()
+    assert sorted(model.peft_config) == ["default"]
+    model.save_pretrained(tmp_path / "saved")
+    assert sorted(os.listdir(tmp_path / "saved")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    metrics = trainer.evaluate()
+    assert metrics["eval_dgpo/divergence/max"] > 0.0  # the trained adapter against the initial one
+    assert sorted(model.peft_config) == ["default"]
+    # The reference it put back (and released again) is the adapter as passed
+    kept = {name.replace(f".{REFERENCE_ADAPTER}.", "."): value for name, value in trainer.reference._released_adapter.items()}
+    assert kept.keys() == passed.keys() and all(torch.equal(kept[name], passed[name]) for name in passed)

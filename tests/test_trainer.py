@@ -12,7 +12,12 @@ from trl import GRPOConfig, GRPOTrainer
 
 from dgpo_trl import DGPOConfig, DGPOTrainer, token_statistics_reference, token_weights
 from dgpo_trl.functional import TokenStatistics
-from dgpo_trl.tiny import exact_match_reward
+from dgpo_trl.tasks import exact_match_reward
+
+
+def prompts(rows):
+    """The prompt fields of a hand-built batch (TRL's batches always carry them)."""
+    return {"prompt_ids": torch.zeros(rows, 2, dtype=torch.long), "prompt_mask": torch.ones(rows, 2, dtype=torch.long)}
 
 
 def history(trainer, key):
@@ -88,7 +93,9 @@ def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(
     # TRL enables gradient checkpointing by default; DGPO reads the policy's hidden states from that forward
     kw = dict(max_steps=2, gradient_checkpointing=gradient_checkpointing)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
-    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d", dgpo_tau=0.02, **kw)
+    # Every row trains, as GRPO's (skipped rows give the same update to float32 rounding: test_row_skipping.py)
+    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d", dgpo_tau=0.02,
+                 dgpo_skip_zero_advantage=False, **kw)
     # Step 1: pi_theta == pi_ref -> w == 1 exactly -> the same loss and gradient as GRPO with beta = 0
     for key in ("loss", "grad_norm", "reward"):
         assert history(dgpo, key)[0] == history(grpo, key)[0], key
@@ -103,7 +110,7 @@ def test_uniform_score_reproduces_grpo_without_kl(warm_model_path, reversal_trai
     kw = dict(max_steps=3)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
     dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d",
-                 dgpo_score="uniform", **kw)
+                 dgpo_uniform_weights=True, dgpo_skip_zero_advantage=False, **kw)
     assert dgpo.ref_model is None  # no reference is loaded for the sanity switch
     for key in ("loss", "grad_norm", "reward"):
         assert history(dgpo, key) == history(grpo, key), key
@@ -184,13 +191,13 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
     )
     trainer.train()  # one step moves the policy away from the reference
     batch = [reversal_train_dataset[i // 8] for i in range(32)]
-    # TRL's fused LM head is never run while scoring: DGPO's pass projects each model's LM head once and gives TRL
-    # its old log-probs
+    # TRL's fused LM head computes every log-prob TRL receives: its pi_old forward, and DGPO's reference forward
+    # (beta > 0), one chunk of 32 rows each
     projections = []
     fused = trl.trainer.utils._ChunkedLogProbFunction
     monkeypatch.setattr(fused, "apply", lambda *args, apply=fused.apply: projections.append(1) or apply(*args))
     output = trainer._generate_and_score_completions(batch)
-    assert projections == []
+    assert projections == [1, 1]
     monkeypatch.undo()
     ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
     attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
@@ -199,8 +206,8 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
     with torch.no_grad():
         policy_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, width)
         ref_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, width)
-    torch.testing.assert_close(output["old_per_token_logps"][mask], policy_logps[mask], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(output["ref_per_token_logps"][mask], ref_logps[mask], atol=1e-5, rtol=1e-5)
+    assert torch.equal(output["old_per_token_logps"][mask], policy_logps[mask])
+    assert torch.equal(output["ref_per_token_logps"][mask], ref_logps[mask])
     assert (policy_logps - ref_logps)[mask].abs().max() > 1e-3
     # The weights are DGPO's, from full-vocabulary distributions of the two models
     assert output["advantages"].shape == mask.shape
@@ -232,7 +239,7 @@ def test_every_trl_loss_type_trains(warm_model_path, reversal_train_dataset, tmp
 
 def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_dataset, tmp_path):
     rkl = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "rkl",
-                dgpo_score="reverse_kl", max_steps=2)
+                dgpo_divergence="reverse_kl", max_steps=2)
     # the score is the exact reverse KL, which the Hellinger run logs only for monitoring
     assert history(rkl, "dgpo/divergence/mean")[1] == history(rkl, "dgpo/reverse_kl/mean")[1] > 0
     taus_by_gate = {}
@@ -329,9 +336,9 @@ def test_checkpoint_resume_gives_the_same_next_step(warm_model_path, reversal_tr
 
 
 def test_nonfinite_statistics_never_reach_the_loss(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch):
-    import dgpo_trl.trainer as trainer_module
+    import dgpo_trl.scoring as scoring_module
 
-    real = trainer_module.token_statistics
+    real = scoring_module.token_statistics
 
     def poisoned(*args, **kwargs):
         stats = real(*args, **kwargs)
@@ -339,7 +346,7 @@ def test_nonfinite_statistics_never_reach_the_loss(warm_model_path, reversal_tra
         hellinger[0] = float("nan")  # e.g. a bf16 overflow in one logit tile
         return stats._replace(hellinger=hellinger)
 
-    monkeypatch.setattr(trainer_module, "token_statistics", poisoned)
+    monkeypatch.setattr(scoring_module, "token_statistics", poisoned)
     trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=2)
     assert all(math.isfinite(x) for x in history(trainer, "loss") + history(trainer, "grad_norm"))
     assert all(n >= 1 for n in history(trainer, "dgpo/nonfinite_sequences")[1:])
@@ -352,6 +359,7 @@ def test_tool_tokens_get_no_weight_and_do_not_count(warm_model_path, reversal_tr
     shape = (3, 6)
     stats = TokenStatistics(*(torch.rand(shape, generator=g) * 3 for _ in TokenStatistics._fields))
     inputs = {
+        **prompts(3),
         "completion_ids": torch.zeros(shape, dtype=torch.long),
         "completion_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]]),
         "tool_mask": torch.tensor([[1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]),
@@ -534,7 +542,7 @@ def test_logged_weight_spread_matches_float64(tiny_model_path, reversal_train_da
     stats = _weights_with_spread(spread)
     mask = torch.ones(stats.hellinger.shape, dtype=torch.long)
     mask[2, 15:] = 0
-    inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
+    inputs = {**prompts(len(mask)), "completion_ids": torch.zeros_like(mask), "completion_mask": mask,
               "advantages": torch.linspace(-1, 1, len(mask))}
     trainer.model.train()
     trainer._apply_token_weights(inputs, stats, torch.arange(len(mask)))
@@ -559,7 +567,7 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
                           args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.01)))
     stats = _weights_with_spread(0.05, rows=3)
     mask = torch.ones(3, 24, dtype=torch.long)
-    scored = {"completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
+    scored = {**prompts(3), "completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
               "advantages": torch.tensor([1.0, -1.0, 0.5])}
     trainer.model.train()
     trainer._apply_token_weights(scored, stats, torch.arange(3))
@@ -567,7 +575,7 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
     assert kept["weights"].shape == (3, 24) and kept["weights"].std() > 0
     assert torch.equal(kept["completion_ids"], scored["completion_ids"])
     # a batch whose completions all have A_i = 0 scores nothing: the heatmap data of the last scored batch stays
-    unscored = {"completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
+    unscored = {**prompts(3), "completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
                 "advantages": torch.zeros(3)}
     empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
     trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
@@ -575,7 +583,7 @@ def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_pat
     # an evaluation batch keeps its own, and leaves the training batch's alone
     assert trainer.last_eval_token_weights is None
     trainer.model.eval()
-    evaluated = {"completion_ids": 100 + torch.arange(72).view(3, 24), "completion_mask": mask,
+    evaluated = {**prompts(3), "completion_ids": 100 + torch.arange(72).view(3, 24), "completion_mask": mask,
                  "advantages": torch.tensor([0.5, -0.5, 1.0])}
     trainer._apply_token_weights(evaluated, stats, torch.arange(3))
     assert trainer.last_token_weights is kept
@@ -605,7 +613,7 @@ def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_d
     trainer.model.train()
     for tau in (0.5, 0.05, np.float32(0.01)):
         trainer.args.dgpo_tau = tau
-        inputs = {"completion_ids": torch.zeros_like(mask), "completion_mask": mask,
+        inputs = {**prompts(3), "completion_ids": torch.zeros_like(mask), "completion_mask": mask,
                   "advantages": torch.tensor([1.0, -1.0, 0.5])}
         trainer._apply_token_weights(inputs, stats, torch.arange(3))
         expected = (stats.hellinger.double() / float(tau)).softmax(-1) * 24
@@ -617,7 +625,7 @@ def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_d
     [
         ("dgpo_tau", -3.0, r"dgpo_tau must be a finite number > 0, got -3.0\."),
         ("dgpo_kappa", float("nan"), r"dgpo_kappa must be a finite number >= 0, got nan\."),
-        ("dgpo_score", "uniform", r"dgpo_score cannot change between 'uniform' and \['hellinger', 'reverse_kl'\]"),
+        ("dgpo_uniform_weights", True, r"dgpo_uniform_weights cannot change after the trainer is built"),
     ],
 )
 def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, reversal_train_dataset, tmp_path,
@@ -677,3 +685,64 @@ def test_sync_ref_model_works_without_kl(warm_model_path, reversal_train_dataset
     frozen = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "f", max_steps=3,
                    dgpo_skip_zero_advantage=False)
     assert history(frozen, "dgpo/divergence/max")[-1] > 0.0
+
+
+@pytest.mark.parametrize("tau", [1e-8, 1e-310])
+def test_any_accepted_tau_gives_finite_weights_with_mean_one(warm_model_path, reversal_train_dataset, tmp_path, tau):
+    """dgpo_tau=1e-310 passed validation and overflowed s / tau: NaN weights, NaN parameters, a crash at step 3.
+    Now every tau > 0 gives the softmax's limit: finite weights, each sequence's mean exactly 1."""
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=3,
+                    dgpo_tau=tau, learning_rate=1e-3)  # fmt: skip
+    assert trainer.state.global_step == 3
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert all(math.isfinite(x) for x in history(trainer, "grad_norm") + history(trainer, "dgpo/weight/max"))
+    kept = trainer.last_token_weights
+    weights, mask = kept["weights"], kept["mask"]
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1) / mask.sum(-1), torch.ones(len(weights)))
+    assert history(trainer, "dgpo/weight/max")[-1] > 1.5  # concentrated: the limit of a tiny tau
+
+
+def test_dgpo_maxima_are_the_logging_windows_maxima(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch):
+    """logging_steps=2 with gradient accumulation 2: `dgpo/weight/max` logged the mean of four micro-batch maxima;
+    it is now their maximum (means stay means)."""
+    import dgpo_trl.trainer as trainer_module
+
+    reduced = []
+    real = trainer_module.dgpo_metrics
+    monkeypatch.setattr(trainer_module, "dgpo_metrics", lambda *a, **k: reduced.append(real(*a, **k)) or reduced[-1])
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=4,
+                    logging_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=16, dgpo_tau=0.01,
+                    learning_rate=3e-3, dgpo_skip_zero_advantage=False)  # fmt: skip
+    logged = history(trainer, "dgpo/weight/max")
+    windows = [reduced[i : i + 4] for i in range(0, len(reduced), 4)]
+    assert len(logged) == len(windows) == 2
+    assert logged == [max(m["dgpo/weight/max"] for m in window) for window in windows]
+    assert len({m["dgpo/weight/max"] for m in windows[1]}) > 1  # the maxima differ: a mean would not equal the max
+    means = history(trainer, "dgpo/divergence/mean")
+    assert means[1] == pytest.approx(sum(m["dgpo/divergence/mean"] for m in windows[1]) / 4)
+
+
+def test_a_streaming_dataset_without_a_prompt_column_is_refused(tiny_model_path, tmp_path):
+    from datasets import Features, IterableDataset, Value
+
+    def rows():
+        yield {"question": "r123>"}
+
+    dataset = IterableDataset.from_generator(rows, features=Features({"question": Value("string")}))
+    assert dataset.column_names == ["question"]
+    with pytest.raises(ValueError, match="train_dataset has no 'prompt' column.*\\['question'\\]"):
+        DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, max_steps=1)),
+                    train_dataset=dataset)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["tiles", "fused"])
+def test_kernel_guard_path_is_logged(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch, path):
+    """`dgpo/kernel` says which divergence pass ran: 0 for the torch tiles (CPU, or after the fused kernel failed its
+    first-call check), 1 for the fused Triton kernel (its dispatch itself is tested in test_kernels.py)."""
+    import dgpo_trl.trainer as trainer_module
+
+    if path == "fused":
+        monkeypatch.setattr(trainer_module, "last_divergence_path", lambda: "fused")
+    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, max_steps=2)
+    assert history(trainer, "dgpo/kernel") == [1.0 if path == "fused" else 0.0] * 2

@@ -15,7 +15,7 @@ import trl
 from conftest import cpu_args
 from trl import GRPOConfig, GRPOTrainer
 
-from dgpo_trl.tiny import exact_match_reward, reversal_dataset
+from dgpo_trl.tasks import exact_match_reward, reversal_dataset
 
 
 def require(condition, assumption: str) -> None:
@@ -163,8 +163,10 @@ def test_scoring_calls_the_logprob_method_with_the_policy_and_reads_beta_then(gr
             "self._get_per_token_logps_and_entropies(self.model, ...): DGPO answers that call with its joint pass.")
     require("ref_per_token_logps" not in output and len(calls) == 3 and calls[2][0] is grpo.ref_model
             and torch.equal(with_beta["ref_per_token_logps"], calls[2][1]),
-            "_generate_and_score_completions runs the reference forward only when self.beta != 0, read when it runs: "
-            "DGPO sets self.beta = 0 during the call, as its own pass gives those log-probs.")
+            "_generate_and_score_completions runs the reference forward, through "
+            "self._get_per_token_logps_and_entropies(self.ref_model, ...), only when self.beta != 0, and stores what it "
+            "returns as ref_per_token_logps: DGPO answers that call (its own reference forward gives those log-probs) "
+            "and writes them before the loss reads them.")
 
 
 def test_generate_and_score_returns_the_keys_dgpo_reads(grpo):
@@ -322,3 +324,80 @@ def test_the_helpers_dgpo_imports_take_the_arguments_it_passes():
         except TypeError as error:
             require(False, f"{function.__module__}.{function.__qualname__} takes the arguments DGPOTrainer passes "
                            f"({error}).")
+
+
+def test_the_peft_reference_call_is_recognisable_by_the_adapter_state(tiny_model_path):
+    """TRL's reference forward of a PEFT policy is a call with the policy itself, inside
+    `use_adapter(model, "ref" if "ref" in model.peft_config else None)`; DGPO recognises it by the PeftModel's state."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import use_adapter
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with use_adapter(model, adapter_name=None):
+        disabled = model._adapters_disabled
+    require(disabled and not model._adapters_disabled,
+            "trl.trainer.utils.use_adapter(model, None) disables the adapters through PeftModel.disable_adapter, "
+            "which sets PeftModel._adapters_disabled while it is active: DGPO answers TRL's reference call by it.")
+    model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with use_adapter(model, adapter_name="ref"):
+        active = model.active_adapter
+    require(active == "ref" and model.active_adapter == "default",
+            "trl.trainer.utils.use_adapter(model, 'ref') makes 'ref' the active adapter while it is active.")
+
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_each_loss_normalizer_is_the_one_row_skipping_rescales(grpo, monkeypatch, loss_type):
+    """DGPO trains only the rows with a nonzero advantage and rescales TRL's loss by `loss_scale`: row count for
+    grpo/sapo/dr_grpo/luspo, valid tokens for bnpo, num_items_in_batch (unchanged) for dapo/cispo/vespo."""
+    from dgpo_trl.skipping import loss_scale, take_rows
+
+    monkeypatch.setattr(grpo, "loss_type", loss_type)
+    inputs = completion_batch(grpo, rows=4)
+    inputs["advantages"] = torch.tensor([1.0, 0.0, -0.5, 0.0])
+    rows = torch.tensor([0, 2])
+    with torch.no_grad():
+        full = grpo._compute_loss(grpo.model, inputs)
+        part = grpo._compute_loss(grpo.model, take_rows(inputs, rows))
+    scaled = part * loss_scale(loss_type, inputs["completion_mask"].bool(), rows)
+    require(full.abs() > 0 and torch.allclose(scaled, full, rtol=1e-5, atol=0),
+            f"loss_type={loss_type!r}: the loss over the rows with a nonzero advantage, rescaled by DGPO's "
+            f"`loss_scale`, is the loss over every row (a zero-advantage row contributes 0 and only the normalizer "
+            f"sees it); got {scaled.item()} for {full.item()}.")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_a_zero_advantage_row_is_never_counted_as_clipped(grpo, monkeypatch, loss_type):
+    """TRL's clip-ratio metrics count a token as clipped only where its advantage is nonzero: DGPO corrects them to
+    cover every row by the kept rows' share of the valid tokens (`dgpo_trl.skipping.full_batch_metrics`)."""
+    from dgpo_trl.skipping import CLIPPED_FRACTIONS
+
+    monkeypatch.setattr(grpo, "loss_type", loss_type)
+    if loss_type == "cispo":  # CISPO caps the ratio at epsilon_high (TRL suggests ~5); a ratio of 1 is then unclipped
+        monkeypatch.setattr(grpo, "epsilon_high", 5.0)
+    inputs = completion_batch(grpo, rows=4)
+    inputs["advantages"] = torch.tensor([0.0, 1.0, 0.0, -1.0])
+    # Ratios far outside every clip range, on the zero-advantage rows only (the others at a ratio of 1)
+    with torch.no_grad():
+        logps, _, _ = grpo._get_per_token_logps_and_entropies(
+            grpo.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))
+    inputs["old_per_token_logps"] = logps - torch.tensor([5.0, 0.0, -5.0, 0.0]).unsqueeze(1)
+    grpo._metrics["eval"].clear()
+    with torch.no_grad():
+        grpo._compute_loss(grpo.model, inputs)
+    logged = {key: values[-1] for key, values in grpo._metrics["eval"].items()}
+    fractions = [key for key in CLIPPED_FRACTIONS if key in logged]
+    require(fractions and all(logged[key] == 0.0 for key in fractions) and "entropy" in logged,
+            f"loss_type={loss_type!r}: TRL's in-loss metrics {fractions} count no clipped token on zero-advantage "
+            f"rows, and `entropy` is logged from the loss; got {logged}.")
+
+
+def test_the_settings_that_stop_row_skipping_are_trl_attributes(grpo):
+    for name in ("beta", "_entropy_bonus_enabled", "aux_loss_enabled", "top_entropy_quantile", "loss_type"):
+        require(hasattr(grpo, name), f"GRPOTrainer sets `self.{name}`, which DGPO's row skipping reads "
+                                     "(dgpo_trl.skipping.skipping_blockers).")

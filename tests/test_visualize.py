@@ -1,5 +1,6 @@
 """Token-weight heatmaps: HTML (escaped), PNG, decoding trainer weights, and the training callback."""
 
+import html
 import math
 import re
 
@@ -8,8 +9,10 @@ import torch
 from conftest import cpu_args
 from toolkit_fixtures import fake_trackio, length_reward  # noqa: F401 (fake_trackio is a fixture)
 
-from dgpo_trl.tiny import build_tokenizer, reversal_dataset
+from dgpo_trl.tasks import REVERSAL, reversal_dataset
+from dgpo_trl.tiny import build_tokenizer
 from dgpo_trl.visualize import (
+    PROMPT_CHARS,
     HeatmapCompletion,
     TokenWeightHeatmapCallback,
     completions_from_token_weights,
@@ -247,6 +250,106 @@ def test_completions_from_trainer_token_weights():
         completions_from_token_weights({"completion_ids": ids, "weights": ids}, tokenizer)
 
 
+def prompt_rows(page: str) -> list[tuple[str | None, str | None, str | None]]:
+    """(prompt shown, prompt on hover, expected answer) above each completion of an HTML page, unescaped."""
+    rows = []
+    for block in page.split('<div class="dgpo-caption">completion')[1:]:
+        row = re.search(r'<div class="dgpo-prompt">(.*?)</div>', block.split('class="dgpo-completion"')[0], re.S)
+        text = row.group(1) if row else ""
+        prompt = re.search(r'prompt <span class="dgpo-text" title="([^"]*)">([^<]*)</span>', text)
+        answer = re.search(r'expected <span class="dgpo-text">([^<]*)</span>', text)
+        rows.append((prompt and html.unescape(prompt.group(2)), prompt and html.unescape(prompt.group(1)),
+                     answer and html.unescape(answer.group(1))))
+    return rows
+
+
+LONG_PROMPT = (
+    "system\nYou are a careful mathematician.\nuser\n" + "Let x be a real number. " * 200 + "Find x.\nassistant\n"
+)
+
+
+def test_prompts_and_expected_answers_are_drawn_above_their_completions(tmp_path):
+    completions = [
+        HeatmapCompletion(list("39956") + ["<eos>"], [1.0, 1.0, 1.0, 1.0, 3.0, 1.0], "completion 0", "r65993>",
+                          "39956"),
+        HeatmapCompletion(list("12") + ["<eos>"], [1.0, 0.5, 1.5], "completion 1", '<b>"x"</b>\tr12>'),
+        HeatmapCompletion(list("42") + ["<eos>"], [1.0, 1.0, 1.0], "completion 2", LONG_PROMPT, "42"),
+        HeatmapCompletion(list("7") + ["<eos>"], [1.0, 1.0], "completion 3"),
+    ]
+    page = heatmap_html(completions)
+    rows = prompt_rows(page)
+    assert rows[0] == ("r65993>", "r65993>", "39956")
+    assert rows[1] == ('<b>"x"</b>→r12>', '<b>"x"</b>\tr12>', None)  # escaped; a tab shown as in token views
+    assert "<b>" not in page
+    shown, hover, answer = rows[2]
+    assert hover == LONG_PROMPT and answer == "42"  # the whole prompt on hover
+    assert len(shown) == PROMPT_CHARS and " … " in shown and "\n" not in shown  # one line, start and end
+    assert shown.startswith("system↵You are") and shown.endswith("Find x.↵assistant↵")
+    assert rows[3] == (None, None, None) and page.count('class="dgpo-prompt"') == 3
+
+    fig = heatmap_png(completions)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    for row in ("r65993>", "39956", '<b>"x"</b>→r12>', "42"):
+        assert row in texts
+    long_row = next(t for t in texts if t.startswith("system↵"))
+    assert " … " in long_row and long_row.endswith("assistant↵")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("width", [40, 80, 120])
+def test_a_long_prompt_keeps_the_png_layout(tmp_path, width):
+    """A prompt of thousands of characters is shortened to the page: the PNG is as wide as without the prompt (or as
+    the `width` the token lines wrap at), and every text stays inside the figure."""
+    tokens = list("The answer is 42.") + ["<eos>"]
+    weights = [1.0] * (len(tokens) - 1) + [2.0]
+    plain = heatmap_png(HeatmapCompletion(tokens, weights, "completion 0"), width=width)
+    fig = heatmap_png(HeatmapCompletion(tokens, weights, "completion 0", LONG_PROMPT, "42" * 100), width=width)
+    plain_width, fig_width = plain.get_size_inches()[0], fig.get_size_inches()[0]
+    assert fig_width <= max(plain_width, (width + 4) * 0.1) + 1e-9
+    assert fig.get_size_inches()[1] > plain.get_size_inches()[1]  # one more row, not more
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    figure_box = fig.bbox
+    for text in fig.axes[0].texts:
+        box = text.get_window_extent(renderer)
+        assert figure_box.x0 - 1 <= box.x0 and box.x1 <= figure_box.x1 + 1, text.get_text()
+    import matplotlib.pyplot as plt
+
+    plt.close(plain)
+    plt.close(fig)
+
+
+def test_completions_carry_their_prompts_and_expected_answers():
+    tokenizer = build_tokenizer()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+
+    def left_padded(texts, width):
+        rows = [tokenizer.convert_tokens_to_ids(list(text)) for text in texts]
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+        return ids, torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+
+    prompt_ids, prompt_mask = left_padded(["r12345>", "r98>", "hello"], 8)
+    completion_ids = torch.tensor([tokenizer.convert_tokens_to_ids(list("54321")) + [eos]] * 3)
+    token_weights = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+                     "weights": torch.ones(3, 6), "mask": torch.ones(3, 6, dtype=torch.bool)}
+    completions = completions_from_token_weights(token_weights, tokenizer, expected_answer=REVERSAL.expected_answer)
+    assert [(c.prompt, c.expected_answer) for c in completions] == [("r12345>", "54321"), ("r98>", "89"),
+                                                                     ("hello", None)]
+    # Without expected_answer: the prompts only; without prompts: neither, and no expected answer can be asked for
+    assert [(c.prompt, c.expected_answer) for c in completions_from_token_weights(token_weights, tokenizer)] == [
+        ("r12345>", None), ("r98>", None), ("hello", None)]
+    no_prompts = {k: v for k, v in token_weights.items() if not k.startswith("prompt")}
+    assert all(c.prompt is None for c in completions_from_token_weights(no_prompts, tokenizer))
+    with pytest.raises(ValueError, match="expected_answer needs the prompts"):
+        completions_from_token_weights(no_prompts, tokenizer, expected_answer=REVERSAL.expected_answer)
+    with pytest.raises(ValueError, match="expected_answer must be None or a callable"):
+        completions_from_token_weights(token_weights, tokenizer, expected_answer="54321")
+    with pytest.raises(ValueError, match="expected_answer"):
+        TokenWeightHeatmapCallback(trainer=None, expected_answer=42)
+
+
 def test_callback_rejects_bad_options():
     with pytest.raises(ValueError, match="formats"):
         TokenWeightHeatmapCallback(trainer=None, formats=("svg",))
@@ -255,15 +358,22 @@ def test_callback_rejects_bad_options():
 
 
 @pytest.mark.slow
-def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_path, tmp_path, fake_trackio):
+def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_path, tmp_path, fake_trackio,
+                                                                 monkeypatch):
+    import dgpo_trl.visualize
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
     args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=2, log_completions=True))
-    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(64))
+    dataset = reversal_dataset(64)
+    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=dataset)
     # After construction: the trainer must not start a real trackio run; TRL's log() reads report_to when it logs
     trainer.args.report_to = ["trackio"]
-    callback = TokenWeightHeatmapCallback(trainer, num_completions=3)
+    callback = TokenWeightHeatmapCallback(trainer, num_completions=3, expected_answer=REVERSAL.expected_answer)
     trainer.add_callback(callback)
+    drawn = []  # the completions of every PNG drawn: the files' and the trackers' images
+    draw = dgpo_trl.visualize.heatmap_png
+    monkeypatch.setattr(dgpo_trl.visualize, "heatmap_png", lambda completions, *a, **k: (
+        drawn.append(completions), draw(completions, *a, **k))[1])
     trainer.train()
 
     names = sorted(path.name for path in (tmp_path / "run" / "token_weights").iterdir())
@@ -275,10 +385,26 @@ def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_pat
     assert "uniform weights" in legend(first) and set(css_colours(first).values()) == {(255, 255, 255)}
     tables = [entry["completions"] for entry in fake_trackio.logged if "completions" in entry]
     assert len(tables) >= 2
+    prompts = set(dataset["prompt"])
     for table in tables[:2]:  # the two training steps
         with_image = table[table["image"].map(len) > 0]
         assert len(with_image) == 3  # one heatmap per drawn completion, on the row showing that completion
         assert all(cell[0][0] == "image" for cell in with_image["image"])
+    # Every row of every heatmap shows its own prompt (the one TRL's table pairs with that completion) and its answer
+    rows = prompt_rows(page)
+    assert len(rows) == 3
+    for prompt, hover, answer in rows:
+        assert prompt == hover and prompt in prompts and answer == prompt[1:-1][::-1]
+    # Per step: the file's PNG (3 completions), then the trackers' images (one per completion); each completion under
+    # the prompt TRL's completions table pairs it with, and that prompt's answer
+    assert [len(completions) for completions in drawn] == [3, 1, 1, 1] * 2
+    special = set(trainer.processing_class.all_special_tokens)  # the table's text is decoded without them
+    for step, table in enumerate(tables[:2]):
+        pairs = set(zip(table["completion"], table["prompt"]))
+        for completions in drawn[4 * step : 4 * step + 4]:
+            for completion in completions:
+                assert ("".join(t for t in completion.tokens if t not in special), completion.prompt) in pairs
+                assert completion.expected_answer == completion.prompt[1:-1][::-1]
     # The final log (train end) draws nothing new: no stale heatmap is left in the table
     assert "image" not in tables[-1] or not tables[-1]["image"].map(len).any()
 
@@ -302,7 +428,7 @@ def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path
 def test_callback_draws_nothing_without_token_weights(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
-    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, dgpo_score="uniform"))
+    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, dgpo_uniform_weights=True))
     trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(32))
     callback = TokenWeightHeatmapCallback(trainer)
     trainer.add_callback(callback)

@@ -78,7 +78,7 @@ class FakeVLLMGeneration:
 
 def _make_trainer(model_path, tmp_path, *, beta, mode, max_steps=2):
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     args = DGPOConfig(
         output_dir=str(tmp_path / "out"),
@@ -136,11 +136,11 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
     from trl import GRPOTrainer
 
     from dgpo_trl.functional import token_weights
-    from dgpo_trl.reference import causal_lm as _causal_lm
+    from dgpo_trl.forwards import causal_lm as _causal_lm
 
     trainer = _make_trainer(tiny_model, tmp_path, beta=beta, mode=mode)
     policy = _causal_lm(trainer._policy())
-    reference = _causal_lm(trainer._reference())
+    reference = _causal_lm(trainer.reference.model)
     assert policy is not reference
 
     counts = Counter()
@@ -174,7 +174,7 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
 
     trainer._apply_token_weights = recording_apply
 
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     rows = PER_DEVICE * STEPS_PER_GENERATION
     batch = [row for row in reversal_dataset(rows // NUM_GENERATIONS, seed=1) for _ in range(NUM_GENERATIONS)]
@@ -186,7 +186,7 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
     # The vLLM branch really ran: completions and sampling log-probs came from the engine
     assert trainer.vllm_generation.calls == 1 and trainer.vllm_generation.synced == 1
     assert "sampling_per_token_logps" in out and "importance_sampling_ratio" in out
-    assert trainer.beta == beta  # DGPO restored TRL's beta after switching TRL's reference pass off
+    assert trainer.beta == beta
 
     # Forwards: one policy and one reference backbone forward per row chunk, nothing else. The policy's LM head is
     # only read as weights (TRL's fused head, DGPO's divergence pass), never called as a module (under ZeRO-3 that
@@ -196,7 +196,9 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
     assert counts["policy_backbone"] == chunks and counts["ref_backbone"] == chunks, counts
     assert counts["policy_lm_head"] == 0 and counts["ref_lm_head"] <= chunks, counts
     assert all(positions <= 1 for positions in head_positions), head_positions
-    assert scoring_calls == [trainer.model]  # TRL's old-log-prob call only; no TRL reference pass
+    # TRL's old-log-prob call, and with beta > 0 its reference call, which DGPO answers without a forward (its own
+    # reference forward, counted above, gave those log-probs)
+    assert scoring_calls == [trainer.model] + ([trainer.ref_model] if beta else [])
     assert len(applied) == 1 and torch.equal(applied[0][0], torch.arange(rows))  # scored at scoring time, every row
 
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)
@@ -210,7 +212,7 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
         trainer, trainer.model, ids, attention, width, batch_size=PER_DEVICE
     )
     old = out["old_per_token_logps"]
-    torch.testing.assert_close(old[mask], fused[mask], atol=2e-5, rtol=0)
+    assert torch.equal(old[mask], fused[mask])
     log_p = _naive(trainer.model, ids, attention, width)
     label_logps = log_p.gather(-1, out["completion_ids"].unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(old[mask], label_logps[mask].float(), atol=2e-5, rtol=0)

@@ -164,7 +164,7 @@ def engine_run(request, vllm_servers, engine_model, tmp_path_factory):
     from trl import GRPOConfig, GRPOTrainer
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     dtype, name = request.param
     server = vllm_servers.get(dtype)

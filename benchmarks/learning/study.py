@@ -4,8 +4,15 @@ One command runs everything (SFT warm-ups, RL runs, held-out evaluation, aggrega
 
     OMP_NUM_THREADS=1 python benchmarks/learning/study.py [--quick] [--out DIR] [--publish DIR] [--workers N]
 
-For each task (see `tasks.py`) and seed, a random-init tiny Llama gets a short supervised warm-up, then every
-configuration trains from that same warm-up with the same data order and sampling seed (a paired design):
+For each task and seed, a random-init tiny Llama gets a short supervised warm-up, then every configuration trains
+from that same warm-up with the same data order and sampling seed (a paired design). The tasks are `dgpo_trl.tasks`'
+``reversal`` (every completion token decides the reward) and ``filler`` (free random letters, then the few answer
+tokens that decide it: the situation DGPO's token reallocation is meant for), each with disjoint SFT / validation /
+RL / held-out prompt sets (`Task.splits`), and their vocabulary-scale variants ``<task>_v<V>`` for V in `VOCAB_SIZES`
+(``reversal_v32000``, ``filler_v151936``, ...): the same prompts, rewards and tokenizer, with the model's vocabulary
+(embedding and LM-head rows) padded with tokens the data never uses up to LLaMA-2's 32,000 and Qwen2.5's 151,936 rows
+(log V 4.6 -> 10.4 -> 11.9; ``_v99`` is the tokenizer's own vocabulary, not padded: the same short runs at V = 99, for
+the comparison; `pad_warmup` says how the padded rows are initialised). The configurations:
 
 - ``grpo`` / ``grpo_kl``: TRL's `GRPOTrainer` with beta = 0 and beta = 0.04;
 - ``dgpo``: `DGPOTrainer` at the paper's defaults (Hellinger, tau = 0.5, kappa = 1);
@@ -54,10 +61,43 @@ os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 30))
 os.environ.setdefault("MALLOC_TOP_PAD_", str(256 << 20))
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
-from tasks import TASKS, Task  # noqa: E402
+from dgpo_trl.tasks import TASKS as SYNTHETIC_TASKS, Task  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass(frozen=True)
+class StudyTask(Task):
+    """A task of `dgpo_trl.tasks` as the study runs it. A vocabulary-scale variant pads the model's vocabulary to
+    `vocab_size` rows, starting from the warm-up of the task `base` (None: the tokenizer's own vocabulary)."""
+
+    vocab_size: int | None = None
+    base: str | None = None
+
+
+NATIVE_VOCAB_SIZE = 99  # the char tokenizer of `dgpo_trl.tiny` (4 specials + 95 characters); the tests check it
+VOCAB_SIZES = (NATIVE_VOCAB_SIZE, 32000, 151936)  # ours, LLaMA-2 / Mistral, Qwen2.5
+BASE_TASKS = ("reversal", "filler")
+
+
+def study_task(task: Task, vocab_size: int | None = None) -> StudyTask:
+    """`task`, or its variant with the model's vocabulary padded to `vocab_size` rows (same prompts, rewards and
+    tokenizer), named ``<task>_v<vocab_size>``."""
+    fields = asdict(task)  # the task's callables are kept as they are (deepcopy returns functions unchanged)
+    if vocab_size is None:
+        return StudyTask(**fields)
+    what = "not padded" if vocab_size == NATIVE_VOCAB_SIZE else f"padded to {vocab_size:,} rows"
+    fields.update(name=f"{task.name}_v{vocab_size}", description=f"{task.description}; model vocabulary {what}")
+    return StudyTask(**fields, vocab_size=vocab_size, base=task.name)
+
+
+TASKS: dict[str, StudyTask] = {
+    **{name: study_task(SYNTHETIC_TASKS[name]) for name in BASE_TASKS},
+    **{f"{name}_v{v}": study_task(SYNTHETIC_TASKS[name], v) for v in VOCAB_SIZES for name in BASE_TASKS},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,7 +117,7 @@ class RunConfig:
     def describe(self) -> str:
         if self.trainer == "grpo":
             return f"GRPOTrainer, beta={self.beta}"
-        fields = {"dgpo_tau": 0.5, "dgpo_kappa": 1.0, "dgpo_score": "hellinger", "dgpo_entropy": "normalized",
+        fields = {"dgpo_tau": 0.5, "dgpo_kappa": 1.0, "dgpo_divergence": "hellinger", "dgpo_entropy": "normalized",
                   **self.dgpo}
         return "DGPOTrainer, " + ", ".join(f"{k.removeprefix('dgpo_')}={v}" for k, v in fields.items())
 
@@ -97,7 +137,7 @@ def all_configs() -> dict[str, RunConfig]:
         RunConfig("grpo_kl", "GRPO (beta=0.04)", trainer="grpo", beta=0.04),
         RunConfig("dgpo", "DGPO defaults (tau=0.5, kappa=1)"),
         RunConfig("dgpo_kappa0", "DGPO kappa=0 (no entropy gate)", dgpo={"dgpo_kappa": 0.0}),
-        RunConfig("dgpo_rkl", "DGPO reverse KL", dgpo={"dgpo_score": "reverse_kl"}),
+        RunConfig("dgpo_rkl", "DGPO reverse KL", dgpo={"dgpo_divergence": "reverse_kl"}),
     ]
     for tau in TAU_SWEEP:
         if tau != 0.5:  # tau = 0.5 is the "dgpo" run
@@ -116,7 +156,7 @@ def all_configs() -> dict[str, RunConfig]:
 
 CONFIGS = all_configs()
 QUICK_CONFIGS = ("grpo", "dgpo", "dgpo_ess0.8", "dgpo_nats_tau0.5")
-# The vocabulary-scale experiment (`tasks.VOCAB_SIZES`): GRPO and both gates at the paper's default tau (other taus,
+# The vocabulary-scale experiment (`VOCAB_SIZES`): GRPO and both gates at the paper's default tau (other taus,
 # tau = 1 included, from the what-if statistics of the same runs)
 VOCAB_CONFIGS = ("grpo", "dgpo", "dgpo_nats_tau0.5")
 # What-if taus: for every fixed-tau DGPO run, the weights its own scores would give at these taus, under either gate

@@ -272,7 +272,7 @@ def run(name: str, cli, dataset, out: Path) -> None:
         def on_train_begin(self, args, state, control, **kwargs):
             states[state.global_step] = full_parameters(trainer.accelerator.unwrap_model(trainer.model), zero3)
             if in_memory:
-                in_memory["reference"] = full_parameters(trainer._reference(), zero3)
+                in_memory["reference"] = full_parameters(trainer.reference.model, zero3)
 
         def on_step_end(self, args, state, control, **kwargs):
             states[state.global_step] = full_parameters(trainer.accelerator.unwrap_model(trainer.model), zero3)
@@ -405,7 +405,7 @@ def instrument(trainer, records, ref_forwards, divergence_passes, policy_forward
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     import dgpo_trl.trainer as dgpo_trainer
-    from dgpo_trl.reference import causal_lm
+    from dgpo_trl.forwards import causal_lm
 
     trainer.num_completions_to_show = 10**6  # keep every scored completion's weights in `last_token_weights`
     original_apply = trainer._apply_token_weights
@@ -522,7 +522,7 @@ def main():
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from dgpo_trl.tiny import reversal_dataset
+    from dgpo_trl.tasks import reversal_dataset
 
     dataset = reversal_dataset(256, seed=0)
     for name in cli.runs.split(","):
