@@ -369,31 +369,35 @@ def run(name: str, cli, dataset, out: Path) -> None:
 def record_log_ratios(trainer, log_ratios: list) -> Callable[[], None]:
     """Records, for every training micro-step that has TRL's old log-probs, (global step, max |log pi_theta -
     old_per_token_logps| over its completion tokens): the log of TRL's PPO ratio, exactly 0 on the first micro-step
-    after a generation (no update has happened since). Returns the callable that undoes it."""
-    pending = []
-    compute_loss, per_token_logps = trainer._compute_loss, trainer._get_per_token_logps_and_entropies
+    after a generation (no update has happened since). Reads TRL's own `_compute_loss` (DGPO's may hand it a subset of
+    the rows) and the training forward it runs. Returns the callable that undoes it."""
+    from trl import GRPOTrainer
 
-    def recording_compute_loss(model, inputs):
-        pending[:] = [inputs]
+    pending = []
+    compute_loss, per_token_logps = GRPOTrainer._compute_loss, trainer._get_per_token_logps_and_entropies
+
+    def recording_compute_loss(self, model, inputs):
+        pending[:] = [inputs] if self is trainer else []
         try:
-            return compute_loss(model, inputs)
+            return compute_loss(self, model, inputs)
         finally:
             pending.clear()
 
     def recording_per_token_logps(*args, **kwargs):
         output = per_token_logps(*args, **kwargs)
-        inputs = pending.pop() if pending else None  # the first call inside the loss: TRL's training forward
+        inputs = pending.pop() if pending else None  # the first call inside TRL's loss: its training forward
         if inputs is not None and inputs.get("old_per_token_logps") is not None:
             mask = inputs["completion_mask"].bool()
             difference = (output[0].detach() - inputs["old_per_token_logps"]).abs()[mask]
             log_ratios.append((trainer.state.global_step, difference.max().item() if difference.numel() else 0.0))
         return output
 
-    trainer._compute_loss = recording_compute_loss
+    GRPOTrainer._compute_loss = recording_compute_loss
     trainer._get_per_token_logps_and_entropies = recording_per_token_logps
 
     def undo():
-        del trainer._compute_loss, trainer._get_per_token_logps_and_entropies
+        GRPOTrainer._compute_loss = compute_loss
+        del trainer._get_per_token_logps_and_entropies
 
     return undo
 
@@ -404,20 +408,20 @@ def instrument(trainer, records, ref_forwards, divergence_passes, policy_forward
     (training forward, plus scoring-time joint passes). Returns the callables that undo it, to run after training."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    import dgpo_trl.trainer as dgpo_trainer
+    import dgpo_trl.weighting as dgpo_weighting
     from dgpo_trl.forwards import causal_lm
 
     trainer.num_completions_to_show = 10**6  # keep every scored completion's weights in `last_token_weights`
     original_apply = trainer._apply_token_weights
 
     taus = []
-    original_tau_search = dgpo_trainer.tau_for_target_ess
+    original_tau_search = dgpo_weighting.tau_for_target_ess
 
     def recording_tau_search(*a, **k):
         taus.append(original_tau_search(*a, **k))
         return taus[-1]
 
-    dgpo_trainer.tau_for_target_ess = recording_tau_search
+    dgpo_weighting.tau_for_target_ess = recording_tau_search
 
     def recording_apply(inputs, stats, rows):
         advantages = inputs["advantages"].clone()
@@ -496,7 +500,7 @@ def instrument(trainer, records, ref_forwards, divergence_passes, policy_forward
         return original_divergence(*a, **k)
 
     trainer._divergence_pass = counting_divergence
-    restore_tau_search = lambda: setattr(dgpo_trainer, "tau_for_target_ess", original_tau_search)  # noqa: E731
+    restore_tau_search = lambda: setattr(dgpo_weighting, "tau_for_target_ess", original_tau_search)  # noqa: E731
     return [handle.remove for handle in handles] + [restore_tau_search]
 
 
