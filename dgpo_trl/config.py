@@ -14,6 +14,7 @@ import numpy as np
 import transformers
 from trl import GRPOConfig
 
+from .accelerate_cpu_fsdp import check_cpu_fsdp_launch
 from .functional import DEFAULT_CHUNK_SIZE, DIVERGENCES, ENTROPY_GATES
 
 
@@ -152,6 +153,7 @@ class DGPOConfig(GRPOConfig):
         self.dgpo_tau, self.dgpo_kappa, self.dgpo_chunk_size = settings.tau, settings.kappa, settings.chunk_size
         self.dgpo_target_ess, self.dgpo_skip_zero_advantage = settings.target_ess, settings.skip_zero_advantage
         self.dgpo_uniform_weights = settings.uniform_weights
+        check_cpu_fsdp_launch(self.use_cpu)  # before super() sets up accelerate's state: CPU FSDP, refused or patched
         super().__post_init__()
 
 

@@ -5,7 +5,9 @@ needs to check them from outside: the world size and backend actually in use, ev
 `DGPOTrainer._apply_token_weights` (the rows scored, their padded inputs, their token weights and advantages, and at
 scoring time TRL's old log-probs), per-step counts of reference-backbone forwards and divergence passes (collectives
 under ZeRO-3), the full parameters at the start of every step (gathered under ZeRO-3; rank 0 only) and at the end
-(every rank), the log history, the number of causal-LM instances alive, and this process's peak RSS.
+(every rank), the log history, the number of causal-LM instances alive, this process's peak RSS, the precision the
+models ran in, and on every micro-step with TRL's old log-probs the largest |log pi_theta - old_per_token_logps| (the
+log of TRL's PPO ratio).
 
 Runs:
   full     full-model DGPO, statistics at loss time (the default: steps_per_generation == gradient_accumulation_steps).
@@ -17,16 +19,21 @@ Runs:
   server   full-model DGPO generating through TRL's vLLM server branch with a stand-in engine (`StandInServer`) and
            TRL's importance-sampling correction: scoring time, and nothing runs on the trainer's model between an
            optimizer step and DGPO's scoring-time forwards (generation happens elsewhere), as with a real server.
-  grpo     TRL's own GRPOTrainer on the same launch and settings (the control: the launch itself trains).
+  grpo     TRL's own GRPOTrainer on the same launch and settings, two micro-steps per generation (the control: the
+           launch itself trains, and TRL's own first-micro-step ratio).
   checkpointed, resumed
            full-model DGPO for 4 steps saving a checkpoint at step 2; then a new trainer resumes from it and trains
            steps 2-3 again (the test compares the two).
+  <run>_compact
+           <run> (full, lora, scoring) with TRL's fused LM head projecting only the labelled positions, as it does
+           where Triton runs (`tests/trl_head.py`; the run fails if TRL never asked which positions to project).
 With --starve-step S (loss-time runs), at global step S every completion on rank --starve-rank gets the same reward, so
 that rank has no completion with a nonzero advantage and nothing to score (the dummy-forward path under ZeRO-3).
 
 Launch (see accelerate_configs/cpu_*.yaml):
   OMP_NUM_THREADS=1 accelerate launch --config_file accelerate_configs/cpu_zero3.yaml \
       tests/distributed/dgpo_worker.py --model /path/to/tiny --out /tmp/out --runs lora,full,scoring
+A launch with `--mixed_precision bf16` trains in bf16 as the GPU configs do (see `run`).
 """
 
 from __future__ import annotations
@@ -36,12 +43,18 @@ import gc
 import json
 import os
 import resource
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
+from trl_head import compact_lm_head  # noqa: E402
 
 
 # Shared with tests/test_distributed.py, which recomputes the weights with the same settings
@@ -65,10 +78,13 @@ RUN_SETTINGS = {
     "in_memory": {},
     # TRL asks for old log-probs to correct for the engine's sampling log-probs: scoring time at every step
     "server": {"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "token_truncate"},
-    "grpo": {},
+    # Two micro-steps per generation, so TRL itself computes old log-probs: the control for the first-micro-step ratio
+    "grpo": {"steps_per_generation": 2},
     "checkpointed": {"save_strategy": "steps", "save_steps": 2},
     "resumed": {"save_strategy": "steps", "save_steps": 2},
 }
+# A run named "<run>_compact" is <run> with TRL's fused LM head on its GPU path (`tests/trl_head.py`)
+COMPACT = "_compact"
 RESUME_STEPS, RESUME_FROM = 4, 2  # the checkpointed run's steps, and the step of the checkpoint the resumed run loads
 IN_MEMORY_NOISE = 0.05  # std of the noise added to the loaded weights: the in-memory model is not the checkpoint
 
@@ -179,17 +195,21 @@ def run(name: str, cli, dataset, out: Path) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     from dgpo_trl import DGPOConfig, DGPOTrainer
+    from dgpo_trl.accelerate_cpu_fsdp import check_cpu_fsdp_launch
 
     rank = int(os.environ["RANK"])
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    dgpo = name != "grpo"
-    settings = dict(SETTINGS, **RUN_SETTINGS[name])
-    steps = cli.steps + (1 if name == "scoring" else 0)  # two generations at steps 0 and 2
-    if name in ("checkpointed", "resumed"):
+    base, compact = name.removesuffix(COMPACT), name.endswith(COMPACT)
+    dgpo = base != "grpo"
+    settings = dict(SETTINGS, **RUN_SETTINGS[base])
+    steps = cli.steps + (1 if base == "scoring" else 0)  # two generations at steps 0 and 2
+    if base in ("checkpointed", "resumed"):
         steps = RESUME_STEPS
     if not dgpo:
         settings = {key: value for key, value in settings.items() if not key.startswith("dgpo_")}
+        # What a script with a plain GRPOConfig does for CPU FSDP (DGPOConfig does it itself)
+        check_cpu_fsdp_launch()
     args = (DGPOConfig if dgpo else GRPOConfig)(
         output_dir=str(out / f"ckpt_{'checkpointed' if name == 'resumed' else name}"),
         max_steps=steps,
@@ -208,12 +228,19 @@ def run(name: str, cli, dataset, out: Path) -> None:
         use_cpu=not (use_deepspeed or use_fsdp),
         **settings,
     )
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16":
+        # A launch with `mixed_precision: bf16` (the GPU configs'; `--mixed_precision bf16` here) trains in bf16
+        # through accelerate whatever `bf16` says, but HF's DeepSpeed integration refuses a DeepSpeed config with bf16
+        # enabled unless `bf16=True` ("ds bf16.enabled=True vs hf bf16|bf16_full_eval=False"), and TrainingArguments
+        # refuses `bf16=True` on a host without a GPU unless `use_cpu` ("Your setup doesn't support bf16/gpu"), which
+        # drops DeepSpeed and FSDP. Set after that check, it is what `bf16=True` is on a GPU.
+        args.bf16 = True
     peft_config = None
-    if name == "lora":
+    if base == "lora":
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **LORA)
-    if name in ("full", "lora") and cli.starve_step is not None:
+    if base in ("full", "lora") and cli.starve_step is not None:
         os.environ["STARVE_RANK"], os.environ["STARVE_STEP"] = str(cli.starve_rank), str(cli.starve_step)
     else:
         os.environ.pop("STARVE_RANK", None)
@@ -264,6 +291,7 @@ def run(name: str, cli, dataset, out: Path) -> None:
     plugin = accelerator.state.deepspeed_plugin
     zero_stage = plugin.zero_stage if plugin is not None else None
     zero3 = zero_stage == 3
+    fsdp_plugin = accelerator.state.fsdp_plugin if use_fsdp else None
     world = dist.get_world_size() if dist.is_initialized() else 1
     # A launcher that silently started independent single processes must fail here, not pass vacuously
     assert world == 2 and accelerator.num_processes == 2, (world, accelerator.num_processes)
@@ -280,10 +308,15 @@ def run(name: str, cli, dataset, out: Path) -> None:
     records = []
     ref_forwards, divergence_passes, policy_forwards = Counter(), Counter(), Counter()
     undo = instrument(trainer, records, ref_forwards, divergence_passes, policy_forwards) if dgpo else []
+    log_ratios = []
+    undo.append(record_log_ratios(trainer, log_ratios))
 
     start = time.perf_counter()
     checkpoint = out / "ckpt_checkpointed" / f"checkpoint-{RESUME_FROM}"
-    trainer.train(resume_from_checkpoint=str(checkpoint) if name == "resumed" else None)
+    # TRL's fused LM head projects only the labelled positions, as on a GPU (exiting checks that TRL asked)
+    head_path = compact_lm_head() if compact else nullcontext([])
+    with head_path as asked:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if name == "resumed" else None)
     train_seconds = time.perf_counter() - start
     for undo_one in undo:
         undo_one()
@@ -300,7 +333,13 @@ def run(name: str, cli, dataset, out: Path) -> None:
         "ref_model_is_none": trainer.ref_model is None,
         "reference_bytes": None if trainer.ref_model is None else parameter_bytes(trainer.ref_model),
         "policy_bytes": parameter_bytes(trainer.model),
-        "is_peft": name == "lora",
+        "is_peft": base == "lora",
+        "compact_lm_head": len(asked),  # how often TRL asked which positions to project on its GPU path
+        "mixed_precision": accelerator.mixed_precision,
+        # What the ranks compute in: DeepSpeed's bf16 holds the models in bf16, FSDP2 casts its fp32 shards per unit
+        "parameter_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
+        "fsdp_param_dtype": str(getattr(getattr(fsdp_plugin, "mixed_precision_policy", None), "param_dtype", None)),
+        "log_ratios": log_ratios,
         "causal_lms_before": models_before,
         "causal_lms_after": models_after,
         "records": records,
@@ -327,26 +366,62 @@ def run(name: str, cli, dataset, out: Path) -> None:
     dist.barrier()
 
 
+def record_log_ratios(trainer, log_ratios: list) -> Callable[[], None]:
+    """Records, for every training micro-step that has TRL's old log-probs, (global step, max |log pi_theta -
+    old_per_token_logps| over its completion tokens): the log of TRL's PPO ratio, exactly 0 on the first micro-step
+    after a generation (no update has happened since). Reads TRL's own `_compute_loss` (DGPO's may hand it a subset of
+    the rows) and the training forward it runs. Returns the callable that undoes it."""
+    from trl import GRPOTrainer
+
+    pending = []
+    compute_loss, per_token_logps = GRPOTrainer._compute_loss, trainer._get_per_token_logps_and_entropies
+
+    def recording_compute_loss(self, model, inputs):
+        pending[:] = [inputs] if self is trainer else []
+        try:
+            return compute_loss(self, model, inputs)
+        finally:
+            pending.clear()
+
+    def recording_per_token_logps(*args, **kwargs):
+        output = per_token_logps(*args, **kwargs)
+        inputs = pending.pop() if pending else None  # the first call inside TRL's loss: its training forward
+        if inputs is not None and inputs.get("old_per_token_logps") is not None:
+            mask = inputs["completion_mask"].bool()
+            difference = (output[0].detach() - inputs["old_per_token_logps"]).abs()[mask]
+            log_ratios.append((trainer.state.global_step, difference.max().item() if difference.numel() else 0.0))
+        return output
+
+    GRPOTrainer._compute_loss = recording_compute_loss
+    trainer._get_per_token_logps_and_entropies = recording_per_token_logps
+
+    def undo():
+        GRPOTrainer._compute_loss = compute_loss
+        del trainer._get_per_token_logps_and_entropies
+
+    return undo
+
+
 def instrument(trainer, records, ref_forwards, divergence_passes, policy_forwards) -> list:
     """Records every `_apply_token_weights` call (into `records`) and counts, per global step, reference-backbone
     forwards, divergence passes (LM-head gathers under ZeRO-3) and policy-backbone forwards outside generation
     (training forward, plus scoring-time joint passes). Returns the callables that undo it, to run after training."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    import dgpo_trl.trainer as dgpo_trainer
+    import dgpo_trl.weighting as dgpo_weighting
     from dgpo_trl.forwards import causal_lm
 
     trainer.num_completions_to_show = 10**6  # keep every scored completion's weights in `last_token_weights`
     original_apply = trainer._apply_token_weights
 
     taus = []
-    original_tau_search = dgpo_trainer.tau_for_target_ess
+    original_tau_search = dgpo_weighting.tau_for_target_ess
 
     def recording_tau_search(*a, **k):
         taus.append(original_tau_search(*a, **k))
         return taus[-1]
 
-    dgpo_trainer.tau_for_target_ess = recording_tau_search
+    dgpo_weighting.tau_for_target_ess = recording_tau_search
 
     def recording_apply(inputs, stats, rows):
         advantages = inputs["advantages"].clone()
@@ -425,7 +500,7 @@ def instrument(trainer, records, ref_forwards, divergence_passes, policy_forward
         return original_divergence(*a, **k)
 
     trainer._divergence_pass = counting_divergence
-    restore_tau_search = lambda: setattr(dgpo_trainer, "tau_for_target_ess", original_tau_search)  # noqa: E731
+    restore_tau_search = lambda: setattr(dgpo_weighting, "tau_for_target_ess", original_tau_search)  # noqa: E731
     return [handle.remove for handle in handles] + [restore_tau_search]
 
 
@@ -435,7 +510,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--runs", default="full",
-        help="comma-separated: full, scoring, lora, in_memory, server, grpo, checkpointed, resumed",
+        help="comma-separated: full, scoring, lora, in_memory, server, grpo, checkpointed, resumed, and full, lora, "
+        "scoring with the suffix _compact",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--starve-rank", type=int, default=1)
