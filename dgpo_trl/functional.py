@@ -623,7 +623,9 @@ def tau_for_target_ess(
 
     def mean_ess(log_tau: float) -> float:
         weights = weights_from_scores(scores, mask, math.exp(log_tau))
-        local = torch.stack([effective_sample_size(weights, mask).sum(), torch.tensor(float(len(scores)))])
+        # One dtype on every process, whatever its scores' (a process with nothing to score has an empty float32 batch)
+        wide = wide_dtype(scores.device)
+        local = torch.stack([effective_sample_size(weights, mask).sum().to(wide), torch.tensor(float(len(scores)), dtype=wide)])
         total, count = reduce(local.to(scores.device)).tolist()
         return total / count if count else 1.0
 

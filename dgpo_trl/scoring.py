@@ -125,7 +125,7 @@ class StatisticsPass:
     def completion_statistics(self, logits_to_keep: int, device) -> CompletionStatistics:
         """The collected statistics over the completion positions, each (rows, logits_to_keep); rows may be 0."""
         if not self.chunks:
-            empty = torch.zeros(0, logits_to_keep, device=device)
+            empty = torch.zeros(0, logits_to_keep, device=device, dtype=wide_dtype(device))
             return CompletionStatistics(*(empty for _ in CompletionStatistics._fields))
         return CompletionStatistics(*(torch.cat(field, dim=0)[:, -logits_to_keep:] for field in zip(*self.chunks)))
 
@@ -164,13 +164,20 @@ def divergence_pass(
         policy_hidden, ref_hidden = policy_hidden.float(), ref_hidden.float()
     heads = (policy_head.weight, policy_head.bias, ref_head.weight, ref_head.bias)
     with torch.no_grad(), maybe_gather_lm_head_ctx(*heads):
+        policy_weight, ref_weight = _full(policy_head.weight), _full(ref_head.weight)
+        policy_bias, ref_bias = _full(policy_head.bias), _full(ref_head.bias)
+        # Both heads in the narrower of their dtypes: under FSDP2's mixed precision one head can be read as the bf16
+        # copy its forward computes with and the other as its fp32 shards, depending on which root resharded; the two
+        # models compute in the narrower one, and equal models must give d = 0
+        dtype = min(policy_weight.dtype, ref_weight.dtype, key=lambda d: torch.finfo(d).bits)
+        policy_weight, ref_weight = policy_weight.to(dtype), ref_weight.to(dtype)
         return token_statistics(
             policy_hidden,
-            _full(policy_head.weight),
+            policy_weight,
             ref_hidden,
-            _full(ref_head.weight),
-            policy_bias=_full(policy_head.bias),
-            ref_bias=_full(ref_head.bias),
+            ref_weight,
+            policy_bias=policy_bias,
+            ref_bias=ref_bias,
             temperature=temperature,
             logit_scale=logit_scale,
             final_logit_softcapping=final_logit_softcapping,

@@ -68,27 +68,30 @@ def splittable(inputs: dict) -> bool:
 
 
 class TrainedRows(NamedTuple):
-    """The rows of a micro-batch that train: `rows` (indices; row 0 alone, with `scale` 0, when none does, so that
-    every process still runs one forward and backward), and the factor on TRL's loss of them."""
+    """The rows of a micro-batch TRL's loss is run on (`rows`), the factor on that loss (`scale`), and how many of them
+    carry signal (`count`, the first ones). The others have A_i = 0 (their loss is exactly 0): they make every process
+    pass TRL the same number of rows, as TRL's loss gathers per-row metrics across processes, and at least one, so
+    that every process runs a forward and a backward (the loss then multiplied by 0)."""
 
     rows: torch.Tensor
     scale: float
     count: int
 
 
-def trained_rows(inputs: dict, loss_type: str) -> TrainedRows | None:
-    """The rows with a nonzero advantage and a valid token, and `loss_scale` for them; None (every row trains) for a
-    batch that cannot be split by row."""
+def trained_rows(inputs: dict, loss_type: str, rows_everywhere=None) -> TrainedRows | None:
+    """The rows with a nonzero advantage and a valid token, completed to `rows_everywhere(count)` rows (the largest
+    count over processes, at least 1; default: the count itself, at least 1) with zero-advantage rows, and
+    `loss_scale` for them; None (every row trains) for a batch that cannot be split by row."""
     if not splittable(inputs):
         logger.warning_once("dgpo_skip_zero_advantage: every completion trains, the batch holds images (its model "
                             "inputs cannot be split by completion).")  # fmt: skip
         return None
     mask = valid_mask(inputs)
     kept = mask.any(-1) & (sequence_advantages(inputs) != 0)
-    rows = kept.nonzero().squeeze(-1)
-    if len(rows) == 0:
-        return TrainedRows(rows.new_zeros(1), 0.0, 0)
-    return TrainedRows(rows, loss_scale(loss_type, mask, rows), len(rows))
+    count = int(kept.sum())
+    passed = rows_everywhere(count) if rows_everywhere is not None else max(count, 1)
+    rows = torch.cat([kept.nonzero().squeeze(-1), (~kept).nonzero().squeeze(-1)[: passed - count]])
+    return TrainedRows(rows, loss_scale(loss_type, mask, rows) if count else 0.0, count)
 
 
 def loss_scale(loss_type: str, mask: torch.Tensor, rows: torch.Tensor) -> float:
@@ -122,21 +125,21 @@ def full_batch_metrics(metrics: dict, inputs: dict, trained: TrainedRows, reduce
     of the micro-batch, where that can be known without the skipped rows' forward, and returns the fraction of
     completions trained across processes (`reduce` sums over processes).
 
-    `clip_ratio/*_mean` and `cispo_clip_ratio`: x (kept valid tokens / valid tokens), over processes; `clip_ratio/
+    `clip_ratio/*_mean` and `cispo_clip_ratio`: x (valid tokens of the rows TRL saw / valid tokens), over processes
+    (the zero-advantage rows among those add no clipped token); `clip_ratio/
     low_min`: 0 where a skipped row has a valid token (its clipped fraction is 0). `clip_ratio/high_max` is already
     the full batch's (the maximum of fractions >= 0). `entropy` and `vespo/phi_seq_mean` need the skipped rows'
     forward: they stay over the trained rows."""
     mask = valid_mask(inputs)
     has_tokens = mask.any(-1)
-    kept = torch.zeros_like(has_tokens)
-    kept[trained.rows[: trained.count]] = True
-    counts = torch.stack([
-        mask[kept].sum(), mask.sum(), (has_tokens & ~kept).sum(), kept.sum(), torch.tensor(len(mask), device=mask.device),
-    ]).float()  # fmt: skip
-    kept_tokens, tokens, skipped_with_tokens, kept_rows, rows = reduce(counts).tolist()
+    kept = torch.zeros_like(has_tokens)  # the rows TRL's loss saw (its metrics are over their tokens)
+    kept[trained.rows] = True
+    counts = torch.tensor([mask[kept].sum().item(), mask.sum().item(), (has_tokens & ~kept).sum().item(),
+                           trained.count, len(mask)], dtype=torch.float32, device=mask.device)  # fmt: skip
+    kept_tokens, tokens, skipped_with_tokens, trained_count, rows = reduce(counts).tolist()
     for key in CLIPPED_FRACTIONS:
         if metrics.get(key):
             metrics[key][-1] *= kept_tokens / max(tokens, 1.0)
     if skipped_with_tokens and metrics.get("clip_ratio/low_min"):
         metrics["clip_ratio/low_min"][-1] = 0.0
-    return kept_rows / max(rows, 1.0)
+    return trained_count / max(rows, 1.0)

@@ -122,8 +122,7 @@ class DGPOTrainer(GRPOTrainer):
       scoring-time reference forward (DGPO's own gives those log-probs).
     - `get_high_entropy_mask` (`top_entropy_quantile < 1`): moves each completion's weight onto the tokens TRL's mask
       keeps, so the weights average 1 over the tokens that receive gradient.
-    - `_save`, `train`, `evaluate`: DGPO's "ref" adapter stays out of saves, and out of the user's model once `train()`
-      or `evaluate()` returns.
+    - `_save`, `train`, `evaluate`: DGPO's "ref" adapter stays out of saves and, after them, out of the user's model.
     - `log`: `dgpo/*/max` are the maxima of the logging window (TRL averages every metric over it).
     """
 
@@ -254,7 +253,7 @@ class DGPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         skip = self.dgpo.skip_zero_advantage and not self._skipping_blockers
-        trained = trained_rows(inputs, self.loss_type) if skip else None
+        trained = trained_rows(inputs, self.loss_type, self._rows_everywhere) if skip else None
         batch = inputs if trained is None else take_rows(inputs, trained.rows)
         with self._phase(_LossTime(inputs, batch, None if trained is None else trained.rows)):
             loss = super()._compute_loss(model, batch)
@@ -278,8 +277,7 @@ class DGPOTrainer(GRPOTrainer):
         return entropy_mask
 
     def log(self, logs, start_time=None):
-        # TRL averages each metric over the logging window; DGPO's maxima are the window's maxima instead (TRL's own
-        # `*_max`, e.g. `clip_ratio/high_max`, stay means of per-step maxima, as TRL logs them)
+        # TRL averages each metric over the logging window; DGPO's maxima are the window's (TRL's own `*_max` stay means)
         for values in self._metrics.values():
             for key, window in values.items():
                 if key.startswith("dgpo/") and key.endswith("/max") and window:
@@ -356,6 +354,11 @@ class DGPOTrainer(GRPOTrainer):
         if self.dgpo.skip_zero_advantage and self.beta == 0.0:
             wanted &= sequence_advantages(inputs) != 0
         return wanted
+
+    def _rows_everywhere(self, count: int) -> int:
+        """The number of rows every process passes TRL's loss: the largest `count` over processes, at least 1."""
+        largest = self.accelerator.reduce(torch.tensor(count, device=self.accelerator.device), reduction="max")
+        return max(int(largest), 1)
 
     @property
     def _collective_forwards(self) -> bool:

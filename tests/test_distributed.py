@@ -85,25 +85,9 @@ LOGP_ATOL = 1e-4
 # cores, and stay far below what a wrong reference, step or row makes (weight errors ~1 with these weights' std ~0.27)
 BF16_WEIGHT_ATOL = 3e-2
 BF16_LOGP_ATOL = 1e-2
-# Cases that fail until a DGPOTrainer fix lands (strict: once one passes, its mark must go). FSDP2 in bf16: the
-# divergence pass reads the policy's LM head as FSDP2's bf16 compute copy and the reference's as its fp32 shards, so
-# d_t = 4.8e-7 at step 1 (0 with both heads read in one dtype).
-_FSDP2_BF16_HEADS = "FSDP2 bf16: the divergence pass reads the two LM heads in two dtypes"
-PENDING = {
-    "test_bf16_step_one_divergence_is_zero[fsdp2_bf16-full]": _FSDP2_BF16_HEADS,
-    "test_bf16_step_one_divergence_is_zero[fsdp2_bf16-scoring]": _FSDP2_BF16_HEADS,
-}
-
-
-def _cases(test: str, cases: list[tuple[str, str]]) -> list:
-    """`cases` as pytest params with ids "<launch>-<run>", those in PENDING marked strict xfail."""
-    params = []
-    for name, run in cases:
-        case = f"{name}-{run}"
-        reason = PENDING.get(f"{test}[{case}]")
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        params.append(pytest.param(name, run, id=case, marks=marks))
-    return params
+def _cases(cases: list[tuple[str, str]]) -> list:
+    """`cases` as pytest params with ids "<launch>-<run>"."""
+    return [pytest.param(name, run, id=f"{name}-{run}") for name, run in cases]
 
 # The shipped opt-in (dgpo_trl.accelerate_cpu_fsdp) that lets accelerate's FSDP plugin run on CPU ranks
 CPU_FSDP_OPT_IN = {"DGPO_PATCH_ACCELERATE_CPU_FSDP": "1"}
@@ -964,7 +948,7 @@ def test_bf16_launch_trains(launched, name, run):
 
 
 @slow
-@pytest.mark.parametrize(("name", "run"), _cases("test_bf16_step_one_divergence_is_zero", BF16_DGPO_RUNS))
+@pytest.mark.parametrize(("name", "run"), _cases(BF16_DGPO_RUNS))
 def test_bf16_step_one_divergence_is_zero(launched, name, run):
     """At step 1 pi_theta == pi_ref: in bf16 too, d_t must be exactly 0 and every weight exactly 1."""
     rank0, rank1 = launched(name)[run]
@@ -1002,7 +986,7 @@ RATIO_RUNS = [
 
 
 @slow
-@pytest.mark.parametrize(("name", "run"), _cases("test_first_micro_step_log_ratio_is_zero", RATIO_RUNS))
+@pytest.mark.parametrize(("name", "run"), _cases(RATIO_RUNS))
 def test_first_micro_step_log_ratio_is_zero(launched, name, run):
     """Where TRL has old log-probs (scoring time, a server's importance sampling), the first training micro-step after
     a generation comes before any update: TRL's ratio pi_theta / pi_old must be exactly 1, so max |log pi_theta -
