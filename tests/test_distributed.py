@@ -94,16 +94,21 @@ CPU_FSDP_OPT_IN = {"DGPO_PATCH_ACCELERATE_CPU_FSDP": "1"}
 
 # name -> (config, runs, extra environment); a run "<run>_compact" is <run> on TRL's GPU LM-head path (the worker)
 LAUNCHES = {
-    "ddp": ("cpu_ddp.yaml", "lora,full,scoring", {"ACCELERATE_USE_CPU": "true"}),
+    "ddp": ("cpu_ddp.yaml", "lora,full,scoring,full_every_row", {"ACCELERATE_USE_CPU": "true"}),
     "zero2": ("cpu_zero2.yaml", "full", {}),
     # TRL's GPU LM-head path, full and LoRA (loss time: the scoring-time pass is DGPO's own, TRL's head path only
     # changes the training forward, which these cover): both under ZeRO-3, the full model under FSDP2
-    "zero3": ("cpu_zero3.yaml", "lora,full,scoring,in_memory,lora_compact,full_compact", {}),
+    # "_every_row": the same run without skipping the zero-advantage rows' training (its update must be the same)
+    "zero3": (
+        "cpu_zero3.yaml", "lora,full,scoring,in_memory,lora_compact,full_compact,full_every_row,scoring_every_row", {}
+    ),
     "fsdp2": (
-        "cpu_fsdp2.yaml", "lora,full,scoring,in_memory,server,grpo,checkpointed,resumed,full_compact", CPU_FSDP_OPT_IN
+        "cpu_fsdp2.yaml",
+        "lora,full,scoring,in_memory,server,grpo,checkpointed,resumed,full_compact,full_every_row,scoring_every_row",
+        CPU_FSDP_OPT_IN,
     ),
 }
-COMPACT = "_compact"
+COMPACT, EVERY_ROW = "_compact", "_every_row"
 # The same CPU configs with bf16 mixed precision, as the GPU configs (zero3.yaml, fsdp2.yaml) set it: DGPO at loss
 # and scoring time, and TRL's GRPOTrainer: name -> (fp32 launch it extends, runs)
 BF16_LAUNCHES = {"zero3_bf16": ("zero3", "full,scoring,grpo"), "fsdp2_bf16": ("fsdp2", "full,scoring,grpo")}
@@ -121,7 +126,7 @@ SHARDED = ("zero3", "fsdp2")  # backends whose forwards are collectives
 
 
 def _base(run: str) -> str:
-    return run.removesuffix(COMPACT)
+    return run.removesuffix(COMPACT).removesuffix(EVERY_ROW)
 
 
 def _load_factor() -> float:
@@ -517,7 +522,10 @@ def test_adaptive_tau_is_global(launched, backend):
             assert abs(ess.mean().item() - target) < 2e-3, (step, ess.mean().item())
 
 
-LOSS_TIME_RUNS = [(backend, run) for backend, run in RUNS if _base(run) in ("full", "lora")]
+# Runs that skip zero-advantage rows (the default): with every row trained, every row is scored too
+LOSS_TIME_RUNS = [
+    (backend, run) for backend, run in RUNS if _base(run) in ("full", "lora") and not run.endswith(EVERY_ROW)
+]
 
 
 @slow
@@ -910,6 +918,31 @@ def test_compact_lm_head_trains_bit_for_bit_like_every_position(launched, backen
         assert ours["log_ratios"] == theirs["log_ratios"]
         for name, value in theirs["final_params"].items():
             assert torch.equal(ours["final_params"][name], value), name
+
+
+EVERY_ROW_RUNS = [(backend, run) for backend, run in RUNS if run.endswith(EVERY_ROW)]
+
+
+@slow
+@pytest.mark.parametrize(("backend", "run"), EVERY_ROW_RUNS, ids=[f"{b}-{r}" for b, r in EVERY_ROW_RUNS])
+def test_skipping_zero_advantage_rows_leaves_the_update_as_it_was(launched, backend, run):
+    """`dgpo_skip_zero_advantage` (the default) trains only the completions with a nonzero advantage: on 2 ranks the
+    parameters after training agree with a run that trains every row to float32 rounding, also at the loss-time runs'
+    step where one rank has no row to train at all (`--starve-step`: every completion of that rank is constant), which
+    still runs one forward and backward (under ZeRO-3 and FSDP2 a collective; under DDP the gradient all-reduce)."""
+    skipped, every_row = launched(backend)[_base(run)], launched(backend)[run]
+    fractions = [row["dgpo/trained_fraction"] for row in skipped[0]["log_history"] if "dgpo/trained_fraction" in row]
+    assert fractions and min(fractions) < 1.0, fractions  # rows were skipped
+    assert all(row.get("dgpo/trained_fraction", 1.0) == 1.0 for row in every_row[0]["log_history"])
+    if _base(run) == "full":  # the starved step: rank 1 trained nothing, rank 0 only its nonzero-advantage rows
+        assert fractions[STARVE_STEP] <= 0.5, fractions
+    initial = every_row[0]["states"][0]
+    for ours, theirs in zip(skipped, every_row):
+        difference = max((ours["final_params"][n] - v).abs().max().item() for n, v in theirs["final_params"].items())
+        moved = max((v - initial[n]).abs().max().item() for n, v in theirs["final_params"].items())
+        print(f"\n[distributed] {backend} {_base(run)}: skipping vs every row, largest parameter difference "
+              f"{difference:.1e} (moved {moved:.1e})")
+        assert moved > 1e-3 and difference < 1e-5, (difference, moved)
 
 
 BF16_RUNS = [(name, run) for name, (_, runs) in BF16_LAUNCHES.items() for run in runs.split(",")]

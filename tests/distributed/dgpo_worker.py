@@ -83,8 +83,9 @@ RUN_SETTINGS = {
     "checkpointed": {"save_strategy": "steps", "save_steps": 2},
     "resumed": {"save_strategy": "steps", "save_steps": 2},
 }
-# A run named "<run>_compact" is <run> with TRL's fused LM head on its GPU path (`tests/trl_head.py`)
-COMPACT = "_compact"
+# A run named "<run>_compact" is <run> with TRL's fused LM head on its GPU path (`tests/trl_head.py`); one named
+# "<run>_every_row" is <run> training every completion, zero-advantage ones included (`dgpo_skip_zero_advantage=False`)
+COMPACT, EVERY_ROW = "_compact", "_every_row"
 RESUME_STEPS, RESUME_FROM = 4, 2  # the checkpointed run's steps, and the step of the checkpoint the resumed run loads
 IN_MEMORY_NOISE = 0.05  # std of the noise added to the loaded weights: the in-memory model is not the checkpoint
 
@@ -200,9 +201,11 @@ def run(name: str, cli, dataset, out: Path) -> None:
     rank = int(os.environ["RANK"])
     use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     use_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    base, compact = name.removesuffix(COMPACT), name.endswith(COMPACT)
+    base, compact = name.removesuffix(COMPACT).removesuffix(EVERY_ROW), name.endswith(COMPACT)
     dgpo = base != "grpo"
     settings = dict(SETTINGS, **RUN_SETTINGS[base])
+    if name.endswith(EVERY_ROW):
+        settings["dgpo_skip_zero_advantage"] = False
     steps = cli.steps + (1 if base == "scoring" else 0)  # two generations at steps 0 and 2
     if base in ("checkpointed", "resumed"):
         steps = RESUME_STEPS
