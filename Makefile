@@ -22,7 +22,7 @@ VLLM_CLIENT_MODULES ?= urllib3 cbor2 "aiohttp>=3.14.3" "requests>=2.33.0" "oss-h
 	pybase64 cloudpickle msgspec cachetools uvloop "prometheus_client>=0.18.0" "xgrammar==0.2.8" \
 	"fastapi>=0.133.0,<0.137.0" partial-json-parser "llguidance>=1.7.0,<1.8.0"
 
-.PHONY: install test test-fast test-oldest test-vllm vllm-env demo bench clean
+.PHONY: install lint format test test-fast test-oldest test-vllm vllm-env demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,8 +66,17 @@ vllm-env: $(VLLM_VENV)/.installed $(VLLM_TRAINER_VENV)/.installed
 VLLM_TESTS = DGPO_VLLM_REQUIRED=1 VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python \
 	$(VLLM_TRAINER_PY) -m pytest -q tests -m vllm
 
-# Both runs, whatever the first one's result; fails if either failed
-test: install vllm-env
+# The configured ruff rules (pyproject.toml) and its formatting; `make format` applies both
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Lint, then both runs, whatever the first one's result; fails if either failed
+test: lint vllm-env
 	status=0; $(PY) -m pytest -q tests -m "not vllm" || status=$$?; $(VLLM_TESTS) || status=$$?; exit $$status
 
 test-fast: install

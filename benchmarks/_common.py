@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

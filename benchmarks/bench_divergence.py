@@ -182,7 +182,6 @@ def run_case(n, vocab, hidden, args, device, dtype, fused_available):
                 tflops=(2 * 2 * n * hidden * vocab) / t / 1e12,
             )
         rows.append(row)
-    del h_p, w_p, h_q, w_q, labels
     return rows
 
 

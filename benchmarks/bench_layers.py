@@ -7,9 +7,10 @@ completions of P prompt + L completion tokens per optimizer step; off-policy: st
 batches per generation):
 
 - the backbone at 1 and at 3 decoder layers (half the difference is one layer; the rest is its constant part:
-  rotary embedding, mask, final norm; 3 rather than 2 layers halves the timing noise in the per-layer figure): forward without grad on B and spg x B rows (reference and old-log-prob passes),
-  forward + backward on B rows (training), and generation's backbone work (a prefill of P tokens, then L - 1 decode
-  steps with a KV cache) on B and spg x B rows;
+  rotary embedding, mask, final norm; 3 rather than 2 layers halves the timing noise in the per-layer figure):
+  forward without grad on B and spg x B rows (reference and old-log-prob passes), forward + backward on B rows
+  (training), and generation's backbone work (a prefill of P tokens, then L - 1 decode steps with a KV cache) on B
+  and spg x B rows;
 - the LM head at the full vocabulary: TRL's fused log-prob function (`trl.kernels.ChunkedLogProbFunction`, what TRL's
   training forward and its old-log-prob and reference passes run; on the completion positions only, TRL's path on a
   GPU) forward, and forward + backward; generation's projection and sampling, L tokens;
@@ -50,7 +51,6 @@ from _common import (  # noqa: E402
 )
 from bench_steps import PATHS, SHAPES  # noqa: E402
 
-
 LAYERS = (1, 3)  # the backbone depths measured
 
 
@@ -59,10 +59,17 @@ def backbone(spec: dict, layers: int):
     embedding has 2 rows): the embedding and the LM head are measured apart, at the full vocabulary."""
     from transformers import Qwen2Config, Qwen2Model
 
-    config = Qwen2Config(vocab_size=2, hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-                         num_hidden_layers=layers, num_attention_heads=spec["heads"],
-                         num_key_value_heads=spec["kv_heads"], max_position_embeddings=32768,
-                         rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+    config = Qwen2Config(
+        vocab_size=2,
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=layers,
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     return Qwen2Model(config).float()
 
@@ -84,7 +91,8 @@ def measure_backbone(spec, rows: dict, prompt: int, completion: int, repeats: in
             mask = torch.ones(r, seq, dtype=torch.long, device=device)
             with torch.no_grad():
                 raw[("forward", name, layers)] = timed(
-                    lambda: model(inputs_embeds=x, attention_mask=mask, use_cache=False), repeats, device)
+                    lambda: model(inputs_embeds=x, attention_mask=mask, use_cache=False), repeats, device
+                )
             prompt_x = x[:, :prompt].contiguous()
             step_x = x[:, :1].contiguous()
 
@@ -115,8 +123,8 @@ def measure_backbone(spec, rows: dict, prompt: int, completion: int, repeats: in
 
                 raw[("activations", name, layers)] = peak_extra_memory(forward_kept, device)
                 model.eval()
-            del x, mask
-        del model
+            x = mask = None  # freed before the next allocation (the closures above hold the names)
+        model = None
         gc.collect()
     low, high = LAYERS
     parts = {}
@@ -144,9 +152,11 @@ def measure_head(spec, tokens: dict, rows: dict, completion: int, repeats: int, 
         args = (None, labels, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0)
         with torch.no_grad():
             out[("head_reference", name)] = timed(
-                lambda: ChunkedLogProbFunction.apply(hidden, weight, *args, ("log_probs",)), repeats, device)
+                lambda: ChunkedLogProbFunction.apply(hidden, weight, *args, ("log_probs",)), repeats, device
+            )
             out[("head_policy", name)] = timed(
-                lambda: ChunkedLogProbFunction.apply(hidden, weight, *args, ("log_probs", "entropy")), repeats, device)
+                lambda: ChunkedLogProbFunction.apply(hidden, weight, *args, ("log_probs", "entropy")), repeats, device
+            )
             ref_weight = weight + 0.01 * torch.randn_like(weight)
             ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
 
@@ -155,7 +165,7 @@ def measure_head(spec, tokens: dict, rows: dict, completion: int, repeats: int, 
 
             out[("divergence", name)] = timed(divergence, repeats, device)
             out[("divergence_bytes", name)] = peak_extra_memory(divergence, device)
-            del ref_weight, ref_hidden
+            ref_weight = ref_hidden = None
         if name == "step":
             w = weight.clone().requires_grad_(True)
             x = hidden.clone().requires_grad_(True)
@@ -167,7 +177,7 @@ def measure_head(spec, tokens: dict, rows: dict, completion: int, repeats: int, 
 
             out[("head_train", name)] = timed(forward_backward, repeats, device)
             out[("head_train_bytes", name)] = peak_extra_memory(forward_backward, device)
-            del w, x
+            w = x = None
         gc.collect()
     for name, r in rows.items():
         x = torch.randn(r, h, device=device)
@@ -201,8 +211,11 @@ def parameter_count(spec) -> dict:
     kv = spec["kv_heads"] * (h // spec["heads"])
     per_layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
     embedding = spec["vocab"] * h
-    return dict(per_layer=per_layer, embedding=embedding,
-                total=spec["layers"] * per_layer + embedding * (1 if spec["tied"] else 2) + h)
+    return dict(
+        per_layer=per_layer,
+        embedding=embedding,
+        total=spec["layers"] * per_layer + embedding * (1 if spec["tied"] else 2) + h,
+    )
 
 
 def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | None = None) -> dict:
@@ -247,17 +260,34 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
         dgpo = base + scored * (reference + head[("divergence", name)]) - skipped
         train_peak = activations + head[("head_train_bytes", "step")]
         # DGPO's aligned-path pass runs at loss time, with the training forward's activations alive
-        dgpo_peak = max(train_peak, activations + head[("divergence_bytes", name)]) if steps == 1 else max(
-            train_peak, head[("divergence_bytes", name)])
+        dgpo_peak = (
+            max(train_peak, activations + head[("divergence_bytes", name)])
+            if steps == 1
+            else max(train_peak, head[("divergence_bytes", name)])
+        )
         out[path] = dict(
-            seconds={"grpo_beta0": base, "grpo_beta0.04": base + reference + head[("head_reference", name)],
-                     "dgpo": dgpo, "dgpo_dropout": dgpo + scored * bb("forward", name)},
+            seconds={
+                "grpo_beta0": base,
+                "grpo_beta0.04": base + reference + head[("head_reference", name)],
+                "dgpo": dgpo,
+                "dgpo_dropout": dgpo + scored * bb("forward", name),
+            },
             floor=1.0 + scored * reference / base,
-            peak_bytes={"grpo_beta0.04": resident + train_peak, "dgpo": resident + dgpo_peak,
-                        "grpo_beta0": resident * 4 / 5 + train_peak},
-            parts=dict(generation=generate, train_step=train_step, optimizer=optimizer, old_log_probs=old, skipped=skipped,
-                       reference_backbone=reference, head_reference=head[("head_reference", name)],
-                       divergence=head[("divergence", name)]),
+            peak_bytes={
+                "grpo_beta0.04": resident + train_peak,
+                "dgpo": resident + dgpo_peak,
+                "grpo_beta0": resident * 4 / 5 + train_peak,
+            },
+            parts=dict(
+                generation=generate,
+                train_step=train_step,
+                optimizer=optimizer,
+                old_log_probs=old,
+                skipped=skipped,
+                reference_backbone=reference,
+                head_reference=head[("head_reference", name)],
+                divergence=head[("divergence", name)],
+            ),
         )
     return out
 
@@ -267,14 +297,23 @@ def projection_rows(m, spec, spg, zero_fractions, layers=None) -> list[dict]:
     for z in zero_fractions:
         for path, c in compose(m, spec, spg, z, layers).items():
             s, p = c["seconds"], c["peak_bytes"]
-            rows.append(dict(path=path, zero_fraction=z, grpo_beta0_s=s["grpo_beta0"],
-                             grpo_beta004_s=s["grpo_beta0.04"], dgpo_s=s["dgpo"],
-                             dgpo_over_grpo004=s["dgpo"] / s["grpo_beta0.04"],
-                             dgpo_over_grpo0=s["dgpo"] / s["grpo_beta0"], floor=c["floor"],
-                             dgpo_dropout_over_grpo004=s["dgpo_dropout"] / s["grpo_beta0.04"],
-                             peak_gib_grpo004=p["grpo_beta0.04"] / 2**30, peak_gib_dgpo=p["dgpo"] / 2**30,
-                             peak_ratio=p["dgpo"] / p["grpo_beta0.04"],
-                             **{f"{k}_s": v for k, v in c["parts"].items()}))
+            rows.append(
+                dict(
+                    path=path,
+                    zero_fraction=z,
+                    grpo_beta0_s=s["grpo_beta0"],
+                    grpo_beta004_s=s["grpo_beta0.04"],
+                    dgpo_s=s["dgpo"],
+                    dgpo_over_grpo004=s["dgpo"] / s["grpo_beta0.04"],
+                    dgpo_over_grpo0=s["dgpo"] / s["grpo_beta0"],
+                    floor=c["floor"],
+                    dgpo_dropout_over_grpo004=s["dgpo_dropout"] / s["grpo_beta0.04"],
+                    peak_gib_grpo004=p["grpo_beta0.04"] / 2**30,
+                    peak_gib_dgpo=p["dgpo"] / 2**30,
+                    peak_ratio=p["dgpo"] / p["grpo_beta0.04"],
+                    **{f"{k}_s": v for k, v in c["parts"].items()},
+                )
+            )
     return rows
 
 
@@ -282,8 +321,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "micro"], default="qwen2.5-7b")
     parser.add_argument("--batch", type=int, default=8, help="completions per optimizer step")
-    parser.add_argument("--prompt-length", type=int, default=None,
-                        help="prompt tokens (default: the mean over bench_steps' prompts)")
+    parser.add_argument(
+        "--prompt-length", type=int, default=None, help="prompt tokens (default: the mean over bench_steps' prompts)"
+    )
     parser.add_argument("--max-completion-length", type=int, default=16)
     parser.add_argument("--steps-per-generation", type=int, default=PATHS["offpolicy"])
     parser.add_argument("--zero-fractions", type=float, nargs="+", default=[0.0, 0.4, 0.6])
@@ -302,34 +342,71 @@ def main():
         from dgpo_trl.tiny import build_tokenizer
 
         tokenizer = build_tokenizer()
-        args.prompt_length = round(statistics.fmean(
-            len(tokenizer(p)["input_ids"]) for p in reversal_dataset(512, seed=2)["prompt"]))
-    batch, prompt, completion, spg = args.batch, args.prompt_length, args.max_completion_length, \
-        args.steps_per_generation
+        args.prompt_length = round(
+            statistics.fmean(len(tokenizer(p)["input_ids"]) for p in reversal_dataset(512, seed=2)["prompt"])
+        )
+    batch, prompt, completion, spg = (
+        args.batch,
+        args.prompt_length,
+        args.max_completion_length,
+        args.steps_per_generation,
+    )
     start = time.perf_counter()
-    meta = machine_info(device) | dict(argv=sys.argv, shape=args.shape, spec=spec, batch=batch, prompt=prompt,
-                                       completion=completion, steps_per_generation=spg)
-    print(f"# {args.shape}: B={batch} P={prompt} L={completion} spg={spg}, {args.threads} threads, load "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    meta = machine_info(device) | dict(
+        argv=sys.argv,
+        shape=args.shape,
+        spec=spec,
+        batch=batch,
+        prompt=prompt,
+        completion=completion,
+        steps_per_generation=spg,
+    )
+    print(
+        f"# {args.shape}: B={batch} P={prompt} L={completion} spg={spg}, {args.threads} threads, load "
+        f"{os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     rows = {"step": batch, "generation": spg * batch}
     m = dict(backbone=measure_backbone(spec, rows, prompt, completion, args.repeats, device))
     print(f"# backbone measured ({time.perf_counter() - start:.0f}s)", flush=True)
-    m["head"] = measure_head(spec, {name: r * completion for name, r in rows.items()}, rows, completion,
-                             args.repeats, device)
+    m["head"] = measure_head(
+        spec, {name: r * completion for name, r in rows.items()}, rows, completion, args.repeats, device
+    )
     print(f"# heads measured ({time.perf_counter() - start:.0f}s)", flush=True)
     m["adamw_s_per_param"] = measure_adamw(spec, args.repeats, device)
     projected = projection_rows(m, spec, spg, args.zero_fractions)
-    measured = [dict(what=f"{k[0]} {k[1]}", **v) for k, v in m["backbone"].items()] + [
-        dict(what=f"{k[0]} {k[1]}", value=v) for k, v in m["head"].items()] + [
-        dict(what="adamw per parameter", value=m["adamw_s_per_param"])]
+    measured = (
+        [dict(what=f"{k[0]} {k[1]}", **v) for k, v in m["backbone"].items()]
+        + [dict(what=f"{k[0]} {k[1]}", value=v) for k, v in m["head"].items()]
+        + [dict(what="adamw per parameter", value=m["adamw_s_per_param"])]
+    )
     print(format_table(measured, ["what", "per_layer", "constant", "value"]))
     print(f"\n# PROJECTION at {spec['layers']} layers (composed from the pieces above; not a trainer run)")
-    print(format_table(projected, ["path", "zero_fraction", "grpo_beta0_s", "grpo_beta004_s", "dgpo_s",
-                                   "dgpo_over_grpo004", "dgpo_over_grpo0", "floor", "dgpo_dropout_over_grpo004",
-                                   "peak_gib_grpo004",
-                                   "peak_gib_dgpo", "peak_ratio"]))
-    meta.update(measured=measured, seconds=time.perf_counter() - start, load_average_at_end=os.getloadavg(),
-                parameters=parameter_count(spec))
+    print(
+        format_table(
+            projected,
+            [
+                "path",
+                "zero_fraction",
+                "grpo_beta0_s",
+                "grpo_beta004_s",
+                "dgpo_s",
+                "dgpo_over_grpo004",
+                "dgpo_over_grpo0",
+                "floor",
+                "dgpo_dropout_over_grpo004",
+                "peak_gib_grpo004",
+                "peak_gib_dgpo",
+                "peak_ratio",
+            ],
+        )
+    )
+    meta.update(
+        measured=measured,
+        seconds=time.perf_counter() - start,
+        load_average_at_end=os.getloadavg(),
+        parameters=parameter_count(spec),
+    )
     paths = write_results(args.stem or f"layers_{args.shape}_{device.type}", projected, meta, args.out)
     print(f"\nwrote {paths[0]} and {paths[1]} ({time.perf_counter() - start:.0f}s)")
 

@@ -80,7 +80,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -88,7 +87,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, set_malloc, write_results  # noqa: E402
-
 
 # Random-init Qwen2-family shapes. qwen2.5-7b is only measured layer by layer (bench_layers.py): it does not fit here.
 SHAPES = {
@@ -104,8 +102,13 @@ NAMES = {"grpo_beta0": "GRPO(beta=0)", "grpo_beta0.04": "GRPO(beta=0.04)", "dgpo
 # Aligned-path cycles per process: a multiple of 5 makes a zero fraction of 0.4 exact over the timed cycles
 # The configurations whose ratios carry to a GPU (TRL's compact head path); `all` stays available for the CPU-only
 # effect of TRL's every-position head
-CONFIGS = ["aligned:0:completion", "aligned:0.4:completion", "aligned:0.6:completion", "offpolicy:0:completion",
-           "offpolicy:0.4:completion"]
+CONFIGS = [
+    "aligned:0:completion",
+    "aligned:0.4:completion",
+    "aligned:0.6:completion",
+    "offpolicy:0:completion",
+    "offpolicy:0.4:completion",
+]
 DEFAULTS = {"cpu": dict(configs=CONFIGS), "cuda": dict(configs=CONFIGS)}
 TIMED_CYCLES = {"aligned": 5, "offpolicy": 3}
 WARMUP_CYCLES = {"aligned": 2, "offpolicy": 1}
@@ -122,8 +125,10 @@ class Config:
     def parse(cls, text: str) -> Config:
         path, zero, head = text.split(":")
         if path not in PATHS or head not in HEADS or not 0.0 <= float(zero) < 1.0:
-            raise ValueError(f"bad configuration {text!r}: PATH:ZERO:HEAD with PATH in {list(PATHS)}, 0 <= ZERO < 1, "
-                             f"HEAD in {list(HEADS)}")
+            raise ValueError(
+                f"bad configuration {text!r}: PATH:ZERO:HEAD with PATH in {list(PATHS)}, 0 <= ZERO < 1, "
+                f"HEAD in {list(HEADS)}"
+            )
         return cls(path, float(zero), head)
 
     @property
@@ -163,8 +168,11 @@ class ControlledReward:
         for _ in range(len(completions) // self.num_generations):
             g, self.groups_seen = self.groups_seen, self.groups_seen + 1
             rng = random.Random(g)
-            rewards += [0.0] * self.num_generations if self.is_constant(g) else [
-                rng.random() for _ in range(self.num_generations)]
+            rewards += (
+                [0.0] * self.num_generations
+                if self.is_constant(g)
+                else [rng.random() for _ in range(self.num_generations)]
+            )
         return rewards
 
 
@@ -178,10 +186,19 @@ def build_model(path: Path, shape: str, dtype_name: str, device_name: str) -> No
     spec = SHAPES[shape]
     tokenizer = build_tokenizer()
     config = Qwen2Config(
-        vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-        num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
-        max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=spec["tied"],
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=spec["vocab"],
+        hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"],
+        num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"],
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=spec["tied"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(0)
     with torch.device(device_name):  # initialising 0.5B parameters on a GPU takes a second, on one CPU thread a minute
@@ -202,8 +219,9 @@ def prepare_model(shape: str, dtype_name: str, device_name: str, cache: Path) ->
     if not (path / "config.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--child-build", shape, dtype_name, device_name, str(path)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--child-build", shape, dtype_name, device_name, str(path)], check=True
+        )
         print(f"# built {shape} in {time.perf_counter() - start:.0f}s: {path}", flush=True)
     return path
 
@@ -265,24 +283,42 @@ def measure(spec: dict) -> dict:
     cycles = spec["warmup"] + spec["cycles"]
     half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     kw = dict(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"],
-        num_generations=spec["generations"], max_completion_length=spec["max_completion_length"],
-        steps_per_generation=spg, gradient_accumulation_steps=1, learning_rate=1e-6, max_steps=spg * cycles,
-        logging_steps=1, bf16=half and dtype == torch.bfloat16, fp16=half and dtype == torch.float16,
-        model_init_kwargs={"dtype": dtype}, gradient_checkpointing=False, report_to="none", save_strategy="no",
-        seed=0, disable_tqdm=True, use_cpu=device.type == "cpu",
+        output_dir=spec["output_dir"],
+        per_device_train_batch_size=spec["batch"],
+        num_generations=spec["generations"],
+        max_completion_length=spec["max_completion_length"],
+        steps_per_generation=spg,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-6,
+        max_steps=spg * cycles,
+        logging_steps=1,
+        bf16=half and dtype == torch.bfloat16,
+        fp16=half and dtype == torch.float16,
+        model_init_kwargs={"dtype": dtype},
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
     )
     variant = spec["variant"]
     dataset = reversal_dataset(spec["batch"] * spg * cycles * 2, seed=2)
     reward = ControlledReward(config.zero_fraction, spec["generations"])
     tokenizer = PreTrainedTokenizerFast.from_pretrained(spec["model_path"])
     if variant == "dgpo":
-        trainer = DGPOTrainer(spec["model_path"], reward, args=DGPOConfig(**kw), train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = DGPOTrainer(
+            spec["model_path"], reward, args=DGPOConfig(**kw), train_dataset=dataset, processing_class=tokenizer
+        )
     else:
         beta = {"grpo_beta0": 0.0, "grpo_beta0.04": 0.04}[variant]
-        trainer = GRPOTrainer(spec["model_path"], reward, args=GRPOConfig(beta=beta, **kw), train_dataset=dataset,
-                              processing_class=tokenizer)
+        trainer = GRPOTrainer(
+            spec["model_path"],
+            reward,
+            args=GRPOConfig(beta=beta, **kw),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     trainer.remove_callback(PrinterCallback)
     init_s = time.perf_counter() - wall_start
 
@@ -340,14 +376,16 @@ def measure(spec: dict) -> dict:
 
     class CycleTimer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            record["load_peak_mib"] = (_read_kib("VmHWM") / 1024 if device.type == "cpu"
-                                       else torch.cuda.max_memory_allocated(device) / 2**20)
+            record["load_peak_mib"] = (
+                _read_kib("VmHWM") / 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated(device) / 2**20
+            )
             if device.type == "cpu":
                 Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, from here on
             else:
                 torch.cuda.reset_peak_memory_stats(device)
-            record["train_begin_mib"] = (_read_kib("VmRSS") / 1024 if device.type == "cpu"
-                                         else torch.cuda.memory_allocated(device) / 2**20)
+            record["train_begin_mib"] = (
+                _read_kib("VmRSS") / 1024 if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
+            )
             sync()
             self.start, self.usage = time.perf_counter(), cpu_usage()
 
@@ -356,11 +394,16 @@ def measure(spec: dict) -> dict:
                 return
             sync()
             now = time.perf_counter()
-            cycle = dict(total_s=now - self.start, generate_s=parts["generate"],
-                         score_s=parts["stage"] - parts["generate"], train_s=now - self.start - parts["stage"],
-                         ref_forward_s=parts["ref_forward"] if reference is not None else None,
-                         ref_calls=parts["ref_calls"], generate_cpu_s=parts["generate_cpu"],
-                         warmup=len(record["cycles"]) < spec["warmup"])
+            cycle = dict(
+                total_s=now - self.start,
+                generate_s=parts["generate"],
+                score_s=parts["stage"] - parts["generate"],
+                train_s=now - self.start - parts["stage"],
+                ref_forward_s=parts["ref_forward"] if reference is not None else None,
+                ref_calls=parts["ref_calls"],
+                generate_cpu_s=parts["generate_cpu"],
+                warmup=len(record["cycles"]) < spec["warmup"],
+            )
             usage = cpu_usage()
             cycle.update({k: usage[k] - self.usage[k] for k in usage})
             record["cycles"].append(cycle)
@@ -384,12 +427,22 @@ def measure(spec: dict) -> dict:
         return sum(values) / len(values) if values else None
 
     return dict(
-        spec, peak_mib=peak, cycles=record["cycles"], load_peak_mib=record["load_peak_mib"],
-        train_begin_mib=record["train_begin_mib"], peak_reserved_mib=record.get("peak_reserved_mib"),
-        frac_reward_zero_std=mean_log("frac_reward_zero_std"), scored_fraction=mean_log("dgpo/scored_fraction"),
-        completion_length=mean_log("completions/mean_length"), num_tokens=mean_log("num_tokens"),
-        init_s=init_s, wall_s=time.perf_counter() - wall_start, load_average_start=load_start,
-        load_average_end=os.getloadavg(), pid=os.getpid(), torch=torch.__version__,
+        spec,
+        peak_mib=peak,
+        cycles=record["cycles"],
+        load_peak_mib=record["load_peak_mib"],
+        train_begin_mib=record["train_begin_mib"],
+        peak_reserved_mib=record.get("peak_reserved_mib"),
+        frac_reward_zero_std=mean_log("frac_reward_zero_std"),
+        scored_fraction=mean_log("dgpo/scored_fraction"),
+        completion_length=mean_log("completions/mean_length"),
+        num_tokens=mean_log("num_tokens"),
+        init_s=init_s,
+        wall_s=time.perf_counter() - wall_start,
+        load_average_start=load_start,
+        load_average_end=os.getloadavg(),
+        pid=os.getpid(),
+        torch=torch.__version__,
     )
 
 
@@ -397,8 +450,18 @@ def measure(spec: dict) -> dict:
 # The harness: rounds of processes, resumable
 
 
-SETTINGS = ("shape", "device", "dtype", "threads", "batch", "generations", "max_completion_length", "warmup_cycles",
-            "timed_cycles", "allocator")
+SETTINGS = (
+    "shape",
+    "device",
+    "dtype",
+    "threads",
+    "batch",
+    "generations",
+    "max_completion_length",
+    "warmup_cycles",
+    "timed_cycles",
+    "allocator",
+)
 # How the measuring processes' glibc treats freed memory: "reuse" keeps it, as torch's CUDA caching allocator keeps its
 # blocks (`_common.set_malloc`); "glibc" leaves its defaults, which give every block above the mmap threshold fresh
 # pages from the kernel and take them back at free (page faults on every use of a large tensor: CPU-only)
@@ -428,35 +491,59 @@ def run_benchmark(args, progress=None) -> dict:
             raise SystemExit(f"{runs_path} holds runs with other settings ({run['settings']}); use another --stem")
         # A ratio is taken within a round, but a table mixes rounds: rounds from two processors do not belong together
         if run.get("machine", machine) != machine:
-            raise SystemExit(f"{runs_path} holds runs measured on {run['machine']!r}, this is {machine!r}; "
-                             f"use another --stem")
+            raise SystemExit(
+                f"{runs_path} holds runs measured on {run['machine']!r}, this is {machine!r}; use another --stem"
+            )
     done = {(r["config"], r["variant"], r["round"]) for r in runs}
     model_path = prepare_model(args.shape, args.dtype, args.device, args.cache)
     configs = [Config.parse(c) for c in args.configs]
-    todo = [(r, c, v) for r in range(1, args.rounds + 1) for c in configs
-            for v in args.variants[(r - 1) % len(args.variants):] + args.variants[:(r - 1) % len(args.variants)]
-            if (c.key, v, r) not in done]
-    print(f"# {args.shape} on {args.device}: {len(done)} runs in {runs_path.name}, {len(todo)} to go "
-          f"(load average {os.getloadavg()[0]:.2f})", flush=True)
+    todo = [
+        (r, c, v)
+        for r in range(1, args.rounds + 1)
+        for c in configs
+        for v in args.variants[(r - 1) % len(args.variants) :] + args.variants[: (r - 1) % len(args.variants)]
+        if (c.key, v, r) not in done
+    ]
+    print(
+        f"# {args.shape} on {args.device}: {len(done)} runs in {runs_path.name}, {len(todo)} to go "
+        f"(load average {os.getloadavg()[0]:.2f})",
+        flush=True,
+    )
     started = time.perf_counter()
     for i, (round_, config, variant) in enumerate(todo):
         elapsed = time.perf_counter() - started
         if args.budget_s is not None and i and elapsed + elapsed / i > args.budget_s:
-            print(f"# the {args.budget_s:.0f}s budget would run out during the next process: stopping after {i} "
-                  f"(the same command resumes)", flush=True)
+            print(
+                f"# the {args.budget_s:.0f}s budget would run out during the next process: stopping after {i} "
+                f"(the same command resumes)",
+                flush=True,
+            )
             break
         wait_for_quiet(args.max_load)
-        spec = dict(settings, config=config.key, variant=variant, round=round_, model_path=str(model_path),
-                    warmup=args.warmup_cycles.get(config.path, 1), cycles=args.timed_cycles.get(config.path, 1))
+        spec = dict(
+            settings,
+            config=config.key,
+            variant=variant,
+            round=round_,
+            model_path=str(model_path),
+            warmup=args.warmup_cycles.get(config.path, 1),
+            cycles=args.timed_cycles.get(config.path, 1),
+        )
         with tempfile.TemporaryDirectory(prefix="dgpo_bench_") as tmp:
             spec["output_dir"] = tmp
             result_path = Path(tmp) / "result.json"
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-            proc = subprocess.run([sys.executable, __file__, "--child-measure", json.dumps(spec), str(result_path)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child-measure", json.dumps(spec), str(result_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             if proc.returncode != 0 or not result_path.exists():
-                raise RuntimeError(f"{config.key} {variant} round {round_} failed ({proc.returncode}):\n"
-                                   + proc.stdout[-4000:])
+                raise RuntimeError(
+                    f"{config.key} {variant} round {round_} failed ({proc.returncode}):\n" + proc.stdout[-4000:]
+                )
             result = json.loads(result_path.read_text())
         result.pop("output_dir", None)
         result["settings"] = settings
@@ -465,15 +552,23 @@ def run_benchmark(args, progress=None) -> dict:
             f.write(json.dumps(result) + "\n")
         timed = [c["total_s"] for c in result["cycles"] if not c["warmup"]]
         elapsed = time.perf_counter() - started
-        print(f"  round {round_} {config.key:24s} {variant:14s} cycle {1e3 * statistics.mean(timed):8.0f} ms, "
-              f"peak {result['peak_mib']:7.0f} MiB, process {result['wall_s']:5.0f}s, load "
-              f"{result['load_average_start'][0]:.2f}-{result['load_average_end'][0]:.2f}; "
-              f"{i + 1}/{len(todo)}, ~{elapsed / (i + 1) * (len(todo) - i - 1) / 60:.0f} min left", flush=True)
+        print(
+            f"  round {round_} {config.key:24s} {variant:14s} cycle {1e3 * statistics.mean(timed):8.0f} ms, "
+            f"peak {result['peak_mib']:7.0f} MiB, process {result['wall_s']:5.0f}s, load "
+            f"{result['load_average_start'][0]:.2f}-{result['load_average_end'][0]:.2f}; "
+            f"{i + 1}/{len(todo)}, ~{elapsed / (i + 1) * (len(todo) - i - 1) / 60:.0f} min left",
+            flush=True,
+        )
         if progress is not None:
             progress(summarize(read_runs(runs_path)))
     summary = summarize(read_runs(runs_path))
-    summary["meta"] = dict(machine_info_for(args.device), argv=sys.argv, settings=settings,
-                           runs_file=str(runs_path), load_average_at_end=os.getloadavg())
+    summary["meta"] = dict(
+        machine_info_for(args.device),
+        argv=sys.argv,
+        settings=settings,
+        runs_file=str(runs_path),
+        load_average_at_end=os.getloadavg(),
+    )
     write_results(args.stem, summary["rows"], {k: v for k, v in summary.items() if k != "rows"}, out)
     print(report(summary))
     return summary
@@ -508,8 +603,22 @@ def machine_label(device_name: str) -> str:
 # Summaries: per-round ratios and their spread
 
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (beyond the table, the normal 1.96 is close enough)
-T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T95 = {
+    1: 12.71,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t95(df: int) -> float:
@@ -528,9 +637,16 @@ def spread(values: list[float]) -> dict:
         needed = 2
         while t95(needed - 1) * sd / math.sqrt(needed) > RESOLUTION * abs(mean):
             needed += 1
-    return dict(n=n, mean=mean, median=statistics.median(values) if values else math.nan, sd=sd,
-                min=min(values, default=math.nan), max=max(values, default=math.nan), ci95=half,
-                rounds_for_3pct=needed)
+    return dict(
+        n=n,
+        mean=mean,
+        median=statistics.median(values) if values else math.nan,
+        sd=sd,
+        min=min(values, default=math.nan),
+        max=max(values, default=math.nan),
+        ci95=half,
+        rounds_for_3pct=needed,
+    )
 
 
 def _process_means(run: dict) -> dict:
@@ -542,10 +658,19 @@ def _process_means(run: dict) -> dict:
         return 1e3 * statistics.fmean(values) if values else None
 
     cpu = [c["user_s"] + c["sys_s"] for c in timed if "user_s" in c]
-    return dict(cycle_ms=ms("total_s"), generate_ms=ms("generate_s"), generate_cpu_ms=ms("generate_cpu_s"), score_ms=ms("score_s"), train_ms=ms("train_s"),
-                ref_forward_ms=ms("ref_forward_s"), peak_mib=run["peak_mib"], cycles=len(timed),
-                cpu_ms=1e3 * statistics.fmean(cpu) if cpu else None, sys_ms=ms("sys_s"),
-                faults=statistics.fmean(c["minflt"] for c in timed) if cpu else None)
+    return dict(
+        cycle_ms=ms("total_s"),
+        generate_ms=ms("generate_s"),
+        generate_cpu_ms=ms("generate_cpu_s"),
+        score_ms=ms("score_s"),
+        train_ms=ms("train_s"),
+        ref_forward_ms=ms("ref_forward_s"),
+        peak_mib=run["peak_mib"],
+        cycles=len(timed),
+        cpu_ms=1e3 * statistics.fmean(cpu) if cpu else None,
+        sys_ms=ms("sys_s"),
+        faults=statistics.fmean(c["minflt"] for c in timed) if cpu else None,
+    )
 
 
 RATIOS = (("dgpo", "grpo_beta0.04"), ("dgpo", "grpo_beta0"), ("grpo_beta0.04", "grpo_beta0"))
@@ -573,20 +698,31 @@ def summarize(runs: list[dict]) -> dict:
                 return statistics.fmean(values) if values else None
 
             cycle = spread([x["cycle_ms"] for x in m.values()])
-            rows.append(dict(
-                where, variant=variant, rounds=len(rounds), cycles_per_round=statistics.fmean(
-                    x["cycles"] for x in m.values()), cycle_ms=cycle["mean"], cycle_sd_pct=100 * cycle["sd"] / cycle[
-                    "mean"] if cycle["n"] > 1 else None, generate_ms=over_rounds("generate_ms"),
-                score_ms=over_rounds("score_ms"), train_ms=over_rounds("train_ms"),
-                ref_forward_ms=over_rounds("ref_forward_ms"), generate_cpu_ms=over_rounds("generate_cpu_ms"),
-                cpu_ms=over_rounds("cpu_ms"), sys_ms=over_rounds("sys_ms"),
-                faults=over_rounds("faults"), peak_mib=over_rounds("peak_mib"),
-                peak_mib_max=max(x["peak_mib"] for x in m.values()), frac_reward_zero_std=mean_field(
-                    "frac_reward_zero_std"), scored_fraction=mean_field("scored_fraction"),
-                completion_length=mean_field("completion_length"),
-                load_average=statistics.fmean(run["load_average_start"][0] for run in rounds.values()),
-                process_s=statistics.fmean(run["wall_s"] for run in rounds.values()),
-            ))
+            rows.append(
+                dict(
+                    where,
+                    variant=variant,
+                    rounds=len(rounds),
+                    cycles_per_round=statistics.fmean(x["cycles"] for x in m.values()),
+                    cycle_ms=cycle["mean"],
+                    cycle_sd_pct=100 * cycle["sd"] / cycle["mean"] if cycle["n"] > 1 else None,
+                    generate_ms=over_rounds("generate_ms"),
+                    score_ms=over_rounds("score_ms"),
+                    train_ms=over_rounds("train_ms"),
+                    ref_forward_ms=over_rounds("ref_forward_ms"),
+                    generate_cpu_ms=over_rounds("generate_cpu_ms"),
+                    cpu_ms=over_rounds("cpu_ms"),
+                    sys_ms=over_rounds("sys_ms"),
+                    faults=over_rounds("faults"),
+                    peak_mib=over_rounds("peak_mib"),
+                    peak_mib_max=max(x["peak_mib"] for x in m.values()),
+                    frac_reward_zero_std=mean_field("frac_reward_zero_std"),
+                    scored_fraction=mean_field("scored_fraction"),
+                    completion_length=mean_field("completion_length"),
+                    load_average=statistics.fmean(run["load_average_start"][0] for run in rounds.values()),
+                    process_s=statistics.fmean(run["wall_s"] for run in rounds.values()),
+                )
+            )
         for a, b in RATIOS:
             if a not in means or b not in means:
                 continue
@@ -596,25 +732,44 @@ def summarize(runs: list[dict]) -> dict:
             entry = dict(where, ratio=f"{a} / {b}", rounds=paired)
             for key in ("cycle_ms", "score_ms", "train_ms", "generate_ms", "generate_cpu_ms", "cpu_ms", "peak_mib"):
                 # Aligned, only GRPO(beta=0.04) has a scoring-stage pass (DGPO scores at loss time): no ratio there
-                values = [] if key == "score_ms" and config.path == "aligned" else [
-                    means[a][r][key] / means[b][r][key] for r in paired if means[a][r][key] and means[b][r][key]]
+                values = (
+                    []
+                    if key == "score_ms" and config.path == "aligned"
+                    else [means[a][r][key] / means[b][r][key] for r in paired if means[a][r][key] and means[b][r][key]]
+                )
                 entry[key.removesuffix("_ms").removesuffix("_mib")] = spread(values) if values else None
             # Generation is the same work in every variant, so each process's cycle over its own generation time
             # cancels how fast that process's minutes of the machine happened to be (on a shared host, +-10% from one
             # process to the next); this ratio assumes only that the slowdown hits generation and the rest alike
-            same_speed = [(means[a][r]["cycle_ms"] / means[a][r]["generate_ms"])
-                          / (means[b][r]["cycle_ms"] / means[b][r]["generate_ms"])
-                          for r in paired if means[a][r]["generate_ms"] and means[b][r]["generate_ms"]]
+            same_speed = [
+                (means[a][r]["cycle_ms"] / means[a][r]["generate_ms"])
+                / (means[b][r]["cycle_ms"] / means[b][r]["generate_ms"])
+                for r in paired
+                if means[a][r]["generate_ms"] and means[b][r]["generate_ms"]
+            ]
             entry["cycle_same_speed"] = spread(same_speed) if same_speed else None
             ratios.append(entry)
         if "dgpo" in means and "grpo_beta0" in means:
             # What DGPO cannot avoid against a trainer without a reference: its own reference forwards
-            paired = [r for r in sorted(set(means["dgpo"]) & set(means["grpo_beta0"]))
-                      if means["dgpo"][r]["ref_forward_ms"] is not None]
+            paired = [
+                r
+                for r in sorted(set(means["dgpo"]) & set(means["grpo_beta0"]))
+                if means["dgpo"][r]["ref_forward_ms"] is not None
+            ]
             if paired:
-                ratios.append(dict(where, ratio="floor: 1 + dgpo ref_forward / grpo_beta0", rounds=paired,
-                                   cycle=spread([1 + means["dgpo"][r]["ref_forward_ms"] / means["grpo_beta0"][r][
-                                       "cycle_ms"] for r in paired])))
+                ratios.append(
+                    dict(
+                        where,
+                        ratio="floor: 1 + dgpo ref_forward / grpo_beta0",
+                        rounds=paired,
+                        cycle=spread(
+                            [
+                                1 + means["dgpo"][r]["ref_forward_ms"] / means["grpo_beta0"][r]["cycle_ms"]
+                                for r in paired
+                            ]
+                        ),
+                    )
+                )
     return dict(rows=rows, ratios=ratios, targets=targets(ratios))
 
 
@@ -632,28 +787,63 @@ def targets(ratios: list[dict]) -> list[dict]:
         same = entry.get("cycle_same_speed") or {}
         at_same_speed = dict(same_speed=same.get("mean"), same_speed_ci95=same.get("ci95"))
         if ratio == "dgpo / grpo_beta0.04" and c.zero_fraction == 0:
-            out.append(dict(target=f"{c.path}, every completion scored: DGPO / GRPO(beta=0.04) <= 1.00",
-                            config=config, measured=cycle.get("mean"), ci95=cycle.get("ci95"), limit=1.00,
-                            **at_same_speed))
+            out.append(
+                dict(
+                    target=f"{c.path}, every completion scored: DGPO / GRPO(beta=0.04) <= 1.00",
+                    config=config,
+                    measured=cycle.get("mean"),
+                    ci95=cycle.get("ci95"),
+                    limit=1.00,
+                    **at_same_speed,
+                )
+            )
             peak = entry.get("peak") or {}
-            out.append(dict(target=f"{c.path}: peak memory DGPO / GRPO(beta=0.04) <= 1.02", config=config,
-                            measured=peak.get("mean"), ci95=peak.get("ci95"), limit=1.02))
+            out.append(
+                dict(
+                    target=f"{c.path}: peak memory DGPO / GRPO(beta=0.04) <= 1.02",
+                    config=config,
+                    measured=peak.get("mean"),
+                    ci95=peak.get("ci95"),
+                    limit=1.02,
+                )
+            )
         # Skipping the zero-advantage rows' training forward and backward makes DGPO cheaper than both baselines
         # (a fraction between the two is held to the lower one's limits)
-        limits = ({"dgpo / grpo_beta0.04": 0.75, "dgpo / grpo_beta0": 0.85} if c.zero_fraction >= 0.6 else
-                  {"dgpo / grpo_beta0.04": 0.85, "dgpo / grpo_beta0": 0.95} if c.zero_fraction >= 0.4 else {})
+        limits = (
+            {"dgpo / grpo_beta0.04": 0.75, "dgpo / grpo_beta0": 0.85}
+            if c.zero_fraction >= 0.6
+            else {"dgpo / grpo_beta0.04": 0.85, "dgpo / grpo_beta0": 0.95}
+            if c.zero_fraction >= 0.4
+            else {}
+        )
         if c.path == "aligned" and ratio in limits:
             baseline = ratio.split(" / ")[1].replace("grpo_beta", "GRPO(beta=") + ")"
-            out.append(dict(target=f"aligned, {c.zero_fraction:.0%} zero-advantage groups: DGPO / {baseline} <= "
-                                   f"{limits[ratio]:.2f}", config=config, measured=cycle.get("mean"),
-                            ci95=cycle.get("ci95"), limit=limits[ratio], **at_same_speed))
+            out.append(
+                dict(
+                    target=f"aligned, {c.zero_fraction:.0%} zero-advantage groups: DGPO / {baseline} <= "
+                    f"{limits[ratio]:.2f}",
+                    config=config,
+                    measured=cycle.get("mean"),
+                    ci95=cycle.get("ci95"),
+                    limit=limits[ratio],
+                    **at_same_speed,
+                )
+            )
         if ratio == "dgpo / grpo_beta0" and c.zero_fraction == 0:
             floor = found.get((config, "floor: 1 + dgpo ref_forward / grpo_beta0"))
             if floor:
                 f = floor["cycle"]["mean"]
-                out.append(dict(target=f"{c.path}: DGPO / GRPO(beta=0) within 3% of its floor", config=config,
-                                measured=cycle.get("mean"), floor=f, ci95=cycle.get("ci95"), limit=1.03 * f,
-                                **at_same_speed))
+                out.append(
+                    dict(
+                        target=f"{c.path}: DGPO / GRPO(beta=0) within 3% of its floor",
+                        config=config,
+                        measured=cycle.get("mean"),
+                        floor=f,
+                        ci95=cycle.get("ci95"),
+                        limit=1.03 * f,
+                        **at_same_speed,
+                    )
+                )
     for t in out:
         t.update(judge(t["measured"], t["ci95"], t["limit"]))
         if t.get("same_speed") is not None:
@@ -696,18 +886,26 @@ def _f(value, digits=3):
 
 def report(summary: dict) -> str:
     """Markdown tables of a summary (docs/performance.md's)."""
-    lines = ["| config | variant | rounds | cycle ms (sd %) | generation ms | scoring stage ms | training steps ms | "
-             "reference backbone ms | CPU ms (system) | minor faults | peak MiB | zero-adv. groups | scored | load |",
-             "|" + " --- |" * 14]
+    lines = [
+        "| config | variant | rounds | cycle ms (sd %) | generation ms | scoring stage ms | training steps ms | "
+        "reference backbone ms | CPU ms (system) | minor faults | peak MiB | zero-adv. groups | scored | load |",
+        "|" + " --- |" * 14,
+    ]
     for r in summary["rows"]:
-        lines.append(f"| {r['config']} | {NAMES[r['variant']]} | {r['rounds']} | {_f(r['cycle_ms'], 4)} "
-                     f"({_f(r['cycle_sd_pct'], 2)}) | {_f(r['generate_ms'])} | {_f(r['score_ms'])} | "
-                     f"{_f(r['train_ms'])} | {_f(r['ref_forward_ms'])} | {_f(r.get('cpu_ms'), 4)} "
-                     f"({_f(r.get('sys_ms'))}) | {_f(r.get('faults'), 2)} | {_f(r['peak_mib'], 4)} | "
-                     f"{_f(r['frac_reward_zero_std'], 2)} | {_f(r['scored_fraction'], 2)} | {_f(r['load_average'], 2)} |")
-    lines += ["", "| config | ratio | rounds | cycle: mean +- 95% CI (median; min-max) | rounds for +-3% | cycle at "
-                  "the same generation speed +- 95% CI | scoring stage | training steps | generation | CPU time +- 95% "
-                  "CI | peak memory |", "|" + " --- |" * 11]
+        lines.append(
+            f"| {r['config']} | {NAMES[r['variant']]} | {r['rounds']} | {_f(r['cycle_ms'], 4)} "
+            f"({_f(r['cycle_sd_pct'], 2)}) | {_f(r['generate_ms'])} | {_f(r['score_ms'])} | "
+            f"{_f(r['train_ms'])} | {_f(r['ref_forward_ms'])} | {_f(r.get('cpu_ms'), 4)} "
+            f"({_f(r.get('sys_ms'))}) | {_f(r.get('faults'), 2)} | {_f(r['peak_mib'], 4)} | "
+            f"{_f(r['frac_reward_zero_std'], 2)} | {_f(r['scored_fraction'], 2)} | {_f(r['load_average'], 2)} |"
+        )
+    lines += [
+        "",
+        "| config | ratio | rounds | cycle: mean +- 95% CI (median; min-max) | rounds for +-3% | cycle at "
+        "the same generation speed +- 95% CI | scoring stage | training steps | generation | CPU time +- 95% "
+        "CI | peak memory |",
+        "|" + " --- |" * 11,
+    ]
     for r in summary["ratios"]:
         c = r["cycle"]
         name = " ".join(NAMES.get(w, w) for w in r["ratio"].split(" "))
@@ -716,32 +914,52 @@ def report(summary: dict) -> str:
             return _r((r.get(key) or {}).get("mean"))
 
         cpu, same = r.get("cpu") or {}, r.get("cycle_same_speed") or {}
-        lines.append(f"| {r['config']} | {name} | {c['n']} | {_r(c['mean'])} +- {_r(c['ci95'])} "
-                     f"({_r(c['median'])}; {_r(c['min'])}-{_r(c['max'])}) | {_f(c['rounds_for_3pct'])} | "
-                     f"{_r(same.get('mean'))} +- {_r(same.get('ci95'))} | "
-                     f"{mean_of('score')} | {mean_of('train')} | {mean_of('generate')} | {_r(cpu.get('mean'))} +- "
-                     f"{_r(cpu.get('ci95'))} | {mean_of('peak')} |")
+        lines.append(
+            f"| {r['config']} | {name} | {c['n']} | {_r(c['mean'])} +- {_r(c['ci95'])} "
+            f"({_r(c['median'])}; {_r(c['min'])}-{_r(c['max'])}) | {_f(c['rounds_for_3pct'])} | "
+            f"{_r(same.get('mean'))} +- {_r(same.get('ci95'))} | "
+            f"{mean_of('score')} | {mean_of('train')} | {mean_of('generate')} | {_r(cpu.get('mean'))} +- "
+            f"{_r(cpu.get('ci95'))} | {mean_of('peak')} |"
+        )
     by_key = {(r["path"], r["zero_fraction"], r["head"], r["ratio"]): r for r in summary["ratios"]}
     effect = []
     for (path, zero, head, ratio), r in by_key.items():
         other = by_key.get((path, zero, "all", ratio))
         if head == "completion" and other and not ratio.startswith("floor"):
             cpu = [_r((x.get("cpu") or {}).get("mean")) for x in (r, other)]
-            effect.append(f"| {path}:{zero:g} | {' '.join(NAMES.get(w, w) for w in ratio.split(' '))} | "
-                          f"{_r(r['cycle']['mean'])} ({cpu[0]}) | {_r(other['cycle']['mean'])} ({cpu[1]}) |")
+            effect.append(
+                f"| {path}:{zero:g} | {' '.join(NAMES.get(w, w) for w in ratio.split(' '))} | "
+                f"{_r(r['cycle']['mean'])} ({cpu[0]}) | {_r(other['cycle']['mean'])} ({cpu[1]}) |"
+            )
     if effect:
-        lines += ["", "CPU-only effect (TRL's fused head projecting every position on CPU); cycle-time ratio (CPU-time "
-                      "ratio):", "", "| path:zero | ratio | TRL projects completion positions (as on a GPU) | every "
-                      "position (TRL on CPU) |", "| --- | --- | --- | --- |", *effect]
+        lines += [
+            "",
+            "CPU-only effect (TRL's fused head projecting every position on CPU); cycle-time ratio (CPU-time ratio):",
+            "",
+            "| path:zero | ratio | TRL projects completion positions (as on a GPU) | every position (TRL on CPU) |",
+            "| --- | --- | --- | --- |",
+            *effect,
+        ]
     if summary.get("targets"):
-        lines += ["", "| target | measured | met? | at the same generation speed | met? |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "| target | measured | met? | at the same generation speed | met? |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for t in summary["targets"]:
             floor = f" (floor {_r(t['floor'])})" if "floor" in t else ""
-            same = (f"{_r(t['same_speed'])} +- {_r(t['same_speed_ci95'])} | "
-                    f"{verdict(t['same_speed_verdict'], t['limit'])}") if "same_speed_verdict" in t else " | "
-            lines.append(f"| {t['target']} | {_r(t['measured'])} +- {_r(t['ci95'])}{floor} | "
-                         f"{verdict(t, t['limit'])} | {same} |")
+            same = (
+                (
+                    f"{_r(t['same_speed'])} +- {_r(t['same_speed_ci95'])} | "
+                    f"{verdict(t['same_speed_verdict'], t['limit'])}"
+                )
+                if "same_speed_verdict" in t
+                else " | "
+            )
+            lines.append(
+                f"| {t['target']} | {_r(t['measured'])} +- {_r(t['ci95'])}{floor} | "
+                f"{verdict(t, t['limit'])} | {same} |"
+            )
     return "\n".join(lines)
 
 
@@ -751,38 +969,73 @@ def report(summary: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "qwen2.5-7b"], default="tiny")
-    parser.add_argument("--configs", nargs="+", default=None, metavar="PATH:ZERO:HEAD",
-                        help="default: " + "; ".join(f"{d}: {' '.join(v['configs'])}" for d, v in DEFAULTS.items()))
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        metavar="PATH:ZERO:HEAD",
+        help="default: " + "; ".join(f"{d}: {' '.join(v['configs'])}" for d, v in DEFAULTS.items()),
+    )
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=4, help="rounds of every (configuration, variant) process")
     parser.add_argument("--batch", type=int, default=8, help="completions per optimizer step")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
     parser.add_argument("--max-completion-length", type=int, default=16)
-    parser.add_argument("--timed-cycles", type=json.loads, default=TIMED_CYCLES,
-                        help=f"timed generation cycles per process, by path (JSON; default {TIMED_CYCLES})")
-    parser.add_argument("--warmup-cycles", type=json.loads, default=WARMUP_CYCLES,
-                        help=f"untimed cycles first, by path (JSON; default {WARMUP_CYCLES})")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads per process (default: 2 for qwen2.5-0.5b on CPU, else 1: tiny models run "
-                             "~10x faster with 1 thread than with 2 on these 2-core machines)")
-    parser.add_argument("--allocator", choices=ALLOCATORS, default="reuse",
-                        help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
-                             "defaults, with the page faults a GPU's caching allocator does not have)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no process that would, at the mean process time so far, end after this many "
-                             "seconds (the runs file keeps what finished; the same command resumes)")
-    parser.add_argument("--max-load", type=float, default=None,
-                        help="wait before each process until the 1-minute load average is below this (shared machines; "
-                             "set it above the benchmark's own threads, whose load lingers in the average)")
+    parser.add_argument(
+        "--timed-cycles",
+        type=json.loads,
+        default=TIMED_CYCLES,
+        help=f"timed generation cycles per process, by path (JSON; default {TIMED_CYCLES})",
+    )
+    parser.add_argument(
+        "--warmup-cycles",
+        type=json.loads,
+        default=WARMUP_CYCLES,
+        help=f"untimed cycles first, by path (JSON; default {WARMUP_CYCLES})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: 2 for qwen2.5-0.5b on CPU, else 1: tiny models run "
+        "~10x faster with 1 thread than with 2 on these 2-core machines)",
+    )
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="reuse",
+        help="CPU memory allocator behaviour of the measuring processes (see ALLOCATORS; glibc: its "
+        "defaults, with the page faults a GPU's caching allocator does not have)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="start no process that would, at the mean process time so far, end after this many "
+        "seconds (the runs file keeps what finished; the same command resumes)",
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="wait before each process until the 1-minute load average is below this (shared machines; "
+        "set it above the benchmark's own threads, whose load lingers in the average)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dgpo_bench_models",
-                        help="where the built models are kept between runs")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=None, help="default: bfloat16 on CUDA, float32 on CPU"
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dgpo_bench_models",
+        help="where the built models are kept between runs",
+    )
     parser.add_argument("--out", type=Path, default=None, help="results directory (default benchmarks/results)")
     parser.add_argument("--stem", default=None, help="results file name (default steps_<shape>_<device>)")
-    parser.add_argument("--report", type=Path, default=None, metavar="RUNS_JSONL",
-                        help="print the tables of a runs file and exit")
+    parser.add_argument(
+        "--report", type=Path, default=None, metavar="RUNS_JSONL", help="print the tables of a runs file and exit"
+    )
     return parser
 
 

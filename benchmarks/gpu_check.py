@@ -57,7 +57,6 @@ import time
 import traceback
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 SECTIONS = ("environment", "parity", "exactness", "divergence", "liger", "steps")
@@ -67,8 +66,19 @@ SECTION_LIMITS = {"environment": 90, "parity": 150, "exactness": 90, "divergence
 # that import TRL another (TRL's import takes seconds to tens of seconds where vLLM is installed)
 GROUPS_GPU = [["environment"], ["parity"], ["exactness"], ["divergence"], ["liger"], ["steps"]]
 GROUPS_DRY = [["environment", "parity", "divergence"], ["exactness", "liger", "steps"]]
-PACKAGES = ("torch", "triton", "transformers", "trl", "datasets", "accelerate", "peft", "liger-kernel", "tokenizers",
-            "numpy", "pyarrow")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "peft",
+    "liger-kernel",
+    "tokenizers",
+    "numpy",
+    "pyarrow",
+)
 
 
 def _setup_env() -> None:
@@ -101,8 +111,13 @@ def section_environment(dry: bool, device) -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    info = dict(python=sys.version.split()[0], platform=platform.platform(), versions=versions,
-                cuda_available=torch.cuda.is_available(), torch_cuda=torch.version.cuda)
+    info = dict(
+        python=sys.version.split()[0],
+        platform=platform.platform(),
+        versions=versions,
+        cuda_available=torch.cuda.is_available(),
+        torch_cuda=torch.version.cuda,
+    )
     # Where each carried package was imported from (the private folder, not the image)
     for module in ("trl", "datasets", "liger_kernel", "dgpo_trl"):
         try:
@@ -111,8 +126,12 @@ def section_environment(dry: bool, device) -> dict:
             info[f"{module}_from"] = f"not importable: {type(error).__name__}: {error}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30,
-                    multiprocessors=props.multi_processor_count, capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=props.total_memory / 2**30,
+            multiprocessors=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+        )
     elif not dry:
         raise RuntimeError("no CUDA device visible to torch")
     _log(json.dumps(info, indent=1))
@@ -146,8 +165,19 @@ def section_parity(dry: bool, device) -> dict:
 
     outcomes = _Outcomes()
     # The interpreter test is CPU-only (and `make test` runs it); everything else in the file runs here
-    code = pytest.main([str(ROOT / "tests" / "test_kernels.py"), "-q", "-p", "no:cacheprovider", "-k",
-                        "not interpreter", "-W", "ignore::DeprecationWarning"], plugins=[outcomes])
+    code = pytest.main(
+        [
+            str(ROOT / "tests" / "test_kernels.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not interpreter",
+            "-W",
+            "ignore::DeprecationWarning",
+        ],
+        plugins=[outcomes],
+    )
     tests = outcomes.tests
     counts = {k: sum(t["outcome"] == k for t in tests.values()) for k in ("passed", "failed", "skipped")}
     cuda_tests = {name: t for name, t in tests.items() if "cuda" in name}
@@ -156,8 +186,10 @@ def section_parity(dry: bool, device) -> dict:
     if counts["failed"] or code not in (0, 5):
         problems.append(f"pytest: {counts['failed']} failed (exit code {int(code)})")
     if not dry and (not cuda_tests or any(t["outcome"] != "passed" for t in cuda_tests.values())):
-        problems.append("CUDA parity tests did not all run and pass: "
-                        + ", ".join(f"{n.split('::')[-1]}={t['outcome']}" for n, t in cuda_tests.items()))
+        problems.append(
+            "CUDA parity tests did not all run and pass: "
+            + ", ".join(f"{n.split('::')[-1]}={t['outcome']}" for n, t in cuda_tests.items())
+        )
 
     result["compile_sm90"] = compile_for_hopper()
     _log(f"  ahead-of-time compile for sm_90: {result['compile_sm90']}")
@@ -190,13 +222,18 @@ def section_parity(dry: bool, device) -> dict:
             row["mean_entropy"] = want.entropy.mean().item()
             row["max_abs_err"] = max(v for k, v in row.items() if k.endswith("_max_abs_err"))
             row["within_tolerance"] = row["max_abs_err"] <= tolerance and all(
-                v for k, v in row.items() if k.endswith("_finite"))
+                v for k, v in row.items() if k.endswith("_finite")
+            )
             numerics.append(row)
             if not row["within_tolerance"]:
                 problems.append(f"{method} {row['dtype']}: max abs error {row['max_abs_err']:.2e} > {tolerance}")
         guard.append(kernel_guard_check(h_p, w_p, h_q, w_q, labels, device))
-        if fused and not (guard[-1]["paths"] == ["fused", "fused"] and guard[-1]["checks"] == 1
-                          and guard[-1]["passed"] and not guard[-1]["warnings"]):
+        if fused and not (
+            guard[-1]["paths"] == ["fused", "fused"]
+            and guard[-1]["checks"] == 1
+            and guard[-1]["passed"]
+            and not guard[-1]["warnings"]
+        ):
             problems.append(f"kernel guard {guard[-1]['dtype']}: {guard[-1]}")
         del h_p, w_p, h_q, w_q, labels, want, got
         if device.type == "cuda":
@@ -205,8 +242,10 @@ def section_parity(dry: bool, device) -> dict:
         result["fused_numerics"] = "skipped: the fused kernel needs a CUDA device and Triton"
     result.update(numerics=numerics, tolerance=tolerance, kernel_guard=guard)
     for row in numerics:
-        _log(f"  {row['method']:5s} {row['dtype']:8s} N={n} V={vocab} H={hidden}: max abs error "
-             + ", ".join(f"{f} {row[f + '_max_abs_err']:.1e}" for f in TokenStatistics._fields))
+        _log(
+            f"  {row['method']:5s} {row['dtype']:8s} N={n} V={vocab} H={hidden}: max abs error "
+            + ", ".join(f"{f} {row[f + '_max_abs_err']:.1e}" for f in TokenStatistics._fields)
+        )
     for row in guard:
         _log(f"  kernel guard {row['dtype']}: {_guard_line(row)}")
     if problems:
@@ -240,9 +279,14 @@ def kernel_guard_check(h_p, w_p, h_q, w_q, labels, device) -> dict:
             seconds.append(time.perf_counter() - start)
             paths.append(functional.last_divergence_path())
     checks = list(functional._KERNEL_CHECKS.values())
-    row = dict(dtype=str(h_p.dtype).removeprefix("torch."), paths=paths, first_call_s=seconds[0],
-               second_call_s=seconds[1], checks=len(checks),
-               warnings=[str(w.message) for w in caught if "fused Triton kernel" in str(w.message)])
+    row = dict(
+        dtype=str(h_p.dtype).removeprefix("torch."),
+        paths=paths,
+        first_call_s=seconds[0],
+        second_call_s=seconds[1],
+        checks=len(checks),
+        warnings=[str(w.message) for w in caught if "fused Triton kernel" in str(w.message)],
+    )
     if checks:
         row.update(checks[0]._asdict())
     return row
@@ -251,10 +295,13 @@ def kernel_guard_check(h_p, w_p, h_q, w_q, labels, device) -> dict:
 def _guard_line(row: dict) -> str:
     if not row.get("checks"):
         return f"paths {row['paths']}, no check (the default dispatch runs the kernel on CUDA only)"
-    found = row["error"] or (f"largest difference {row['difference']:.1e} ({row['field']}, "
-                             f"tolerance {row['tolerance']})")
-    return (f"first call {'verified' if row['passed'] else 'FELL BACK'}: {found}; paths {row['paths']}, "
-            f"{row['checks']} check(s), {row['first_call_s'] * 1e3:.0f} / {row['second_call_s'] * 1e3:.0f} ms")
+    found = row["error"] or (
+        f"largest difference {row['difference']:.1e} ({row['field']}, tolerance {row['tolerance']})"
+    )
+    return (
+        f"first call {'verified' if row['passed'] else 'FELL BACK'}: {found}; paths {row['paths']}, "
+        f"{row['checks']} check(s), {row['first_call_s'] * 1e3:.0f} / {row['second_call_s'] * 1e3:.0f} ms"
+    )
 
 
 def compile_for_hopper() -> dict:
@@ -267,8 +314,9 @@ def compile_for_hopper() -> dict:
     from dgpo_trl.kernels import divergence
 
     if divergence._kernel is None or divergence.INTERPRETER:
-        return dict(status="skipped", reason="Triton is not installed" if divergence._kernel is None
-                    else "TRITON_INTERPRET=1")
+        return dict(
+            status="skipped", reason="Triton is not installed" if divergence._kernel is None else "TRITON_INTERPRET=1"
+        )
     try:
         import triton
         from triton.backends.compiler import GPUTarget
@@ -278,39 +326,66 @@ def compile_for_hopper() -> dict:
     params = list(inspect.signature(divergence._fused_statistics_kernel).parameters)
     floats = {"logit_scale", "softcap", "inv_temperature"}
     result = dict(status="passed", triton=triton.__version__, variants={})
-    for name, dtype, config, precision in (("bf16", "bf16", divergence.DEFAULT_CONFIG, "tf32"),
-                                           ("fp32", "fp32", divergence.FP32_CONFIG, "ieee")):
-        signature, constexprs = {}, dict(
-            HAS_BIAS_P=False, HAS_BIAS_Q=False, HAS_SOFTCAP=False, HAS_LABELS=True, UPCAST=dtype == "fp32",
-            INPUT_PRECISION=precision, BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_K=config.block_k)
+    for name, dtype, config, precision in (
+        ("bf16", "bf16", divergence.DEFAULT_CONFIG, "tf32"),
+        ("fp32", "fp32", divergence.FP32_CONFIG, "ieee"),
+    ):
+        signature, constexprs = (
+            {},
+            dict(
+                HAS_BIAS_P=False,
+                HAS_BIAS_Q=False,
+                HAS_SOFTCAP=False,
+                HAS_LABELS=True,
+                UPCAST=dtype == "fp32",
+                INPUT_PRECISION=precision,
+                BLOCK_N=config.block_n,
+                BLOCK_V=config.block_v,
+                BLOCK_K=config.block_k,
+            ),
+        )
         for p in params:
             if p in constexprs:
                 signature[p] = "constexpr"
             elif p.endswith("_ptr"):
-                signature[p] = {"labels_ptr": "*i64", "partial_ptr": "*fp32", "bp_ptr": "*fp32",
-                                "bq_ptr": "*fp32"}.get(p, f"*{dtype}")
+                signature[p] = {
+                    "labels_ptr": "*i64",
+                    "partial_ptr": "*fp32",
+                    "bp_ptr": "*fp32",
+                    "bq_ptr": "*fp32",
+                }.get(p, f"*{dtype}")
             else:
                 signature[p] = "fp32" if p in floats else "i32"
         try:
-            source = ASTSource(fn=divergence._kernel, signature=signature,
-                               constexprs={(params.index(k),): v for k, v in constexprs.items()})
+            source = ASTSource(
+                fn=divergence._kernel,
+                signature=signature,
+                constexprs={(params.index(k),): v for k, v in constexprs.items()},
+            )
         except TypeError as error:  # another release's ASTSource
             return dict(status="unavailable", reason=f"ASTSource: {error}")
         start = time.perf_counter()
         try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", 90, 32),
+                options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+            )
         except Exception as error:  # noqa: BLE001 - a kernel that does not build for Hopper is the finding
             return dict(status="failed", variant=name, error=f"{type(error).__name__}: {str(error)[:1500]}")
-        result["variants"][name] = dict(seconds=time.perf_counter() - start, shared_bytes=compiled.metadata.shared,
-                                        cubin_bytes=len(compiled.asm.get("cubin", b"")), config=tuple(config))
+        result["variants"][name] = dict(
+            seconds=time.perf_counter() - start,
+            shared_bytes=compiled.metadata.shared,
+            cubin_bytes=len(compiled.asm.get("cubin", b"")),
+            config=tuple(config),
+        )
     return result
 
 
 def section_divergence(dry: bool, device) -> dict:
+    import bench_divergence
     import torch
 
-    import bench_divergence
     from dgpo_trl.kernels import triton_available
 
     fused = device.type == "cuda" and triton_available()
@@ -345,56 +420,96 @@ def section_divergence(dry: bool, device) -> dict:
                 _log(errors[f"N={n} H={hidden}"])
                 continue
             rows += case
-            _log(bench_divergence.format_table(case, ["N", "V", "H", "method", "time_ms", "ratio_to_floor",
-                                                      "peak_extra_mib", "tflops", "note"]))
+            _log(
+                bench_divergence.format_table(
+                    case, ["N", "V", "H", "method", "time_ms", "ratio_to_floor", "peak_extra_mib", "tflops", "note"]
+                )
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     summary, targets = [], []
     methods = ["fused", "tiles"] if fused else ["tiles"]
     for method in methods + ["naive"]:
         for hidden in hiddens:
-            group = sorted((r for r in rows if r["method"] == method and r["H"] == hidden and "time_ms" in r),
-                           key=lambda r: r["N"])
+            group = sorted(
+                (r for r in rows if r["method"] == method and r["H"] == hidden and "time_ms" in r),
+                key=lambda r: r["N"],
+            )
             if not group:
                 continue
             first, last = group[0], group[-1]
-            growth = ((last["peak_extra_mib"] - first["peak_extra_mib"]) * 2**20 / (last["N"] - first["N"])
-                      if last["N"] > first["N"] else None)
-            entry = dict(method=method, V=vocab, H=hidden, N_range=f"{first['N']}-{last['N']}",
-                         ratio_min=min(r["ratio_to_floor"] for r in group),
-                         ratio_max=max(r["ratio_to_floor"] for r in group),
-                         mem_first_mib=first["peak_extra_mib"], mem_last_mib=last["peak_extra_mib"],
-                         bytes_per_added_token=growth)
+            growth = (
+                (last["peak_extra_mib"] - first["peak_extra_mib"]) * 2**20 / (last["N"] - first["N"])
+                if last["N"] > first["N"]
+                else None
+            )
+            entry = dict(
+                method=method,
+                V=vocab,
+                H=hidden,
+                N_range=f"{first['N']}-{last['N']}",
+                ratio_min=min(r["ratio_to_floor"] for r in group),
+                ratio_max=max(r["ratio_to_floor"] for r in group),
+                mem_first_mib=first["peak_extra_mib"],
+                mem_last_mib=last["peak_extra_mib"],
+                bytes_per_added_token=growth,
+            )
             summary.append(entry)
             if method == methods[0]:
                 # The pass's outputs are 5 fp32 per token (20 B); allow 64 B per token for them and the allocator's
                 # rounding. A pass that held logits would add 8 V bytes (1.2 MB at V = 151936) per token.
                 # (the dry run's tiny shapes measure nothing: its targets are recorded, not judged)
-                targets.append(dict(target=f"{method} pass <= 1.15 x two-matmul floor, H={hidden}",
-                                    measured=entry["ratio_max"], met=None if dry else entry["ratio_max"] <= 1.15))
+                targets.append(
+                    dict(
+                        target=f"{method} pass <= 1.15 x two-matmul floor, H={hidden}",
+                        measured=entry["ratio_max"],
+                        met=None if dry else entry["ratio_max"] <= 1.15,
+                    )
+                )
                 if growth is not None:
-                    targets.append(dict(target=f"{method} extra memory independent of N, H={hidden} (<= 64 B/token)",
-                                        measured=growth, met=None if dry else growth <= 64))
+                    targets.append(
+                        dict(
+                            target=f"{method} extra memory independent of N, H={hidden} (<= 64 B/token)",
+                            measured=growth,
+                            met=None if dry else growth <= 64,
+                        )
+                    )
     bench_divergence.make_inputs = make_inputs
     cache.clear()
-    _log(bench_divergence.format_table(summary, ["method", "V", "H", "N_range", "ratio_min", "ratio_max",
-                                                 "mem_first_mib", "mem_last_mib", "bytes_per_added_token"]))
+    _log(
+        bench_divergence.format_table(
+            summary,
+            [
+                "method",
+                "V",
+                "H",
+                "N_range",
+                "ratio_min",
+                "ratio_max",
+                "mem_first_mib",
+                "mem_last_mib",
+                "bytes_per_added_token",
+            ],
+        )
+    )
     result = dict(dtype=str(dtype), fused_kernel=fused, rows=rows, summary=summary, targets=targets)
     if not fused:
         result["fused"] = "skipped: the fused kernel needs a CUDA device and Triton"
     if errors:
         result["errors"] = errors
-        raise SectionFailed(f"{len(errors)} case(s) failed: " + "; ".join(
-            f"{k}: {v.splitlines()[0]}" for k, v in errors.items()), result)
+        raise SectionFailed(
+            f"{len(errors)} case(s) failed: " + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in errors.items()),
+            result,
+        )
     return result
 
 
 def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
     """One DGPOTrainer step (every completion scored); returns the logs of step 1."""
     import torch
+    from bench_steps import ControlledReward
     from transformers import PrinterCallback, TrainerCallback
 
-    from bench_steps import ControlledReward
     from dgpo_trl import DGPOConfig, DGPOTrainer
     from dgpo_trl.tasks import reversal_dataset
 
@@ -426,8 +541,9 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
         model_init_kwargs={"dtype": dtype},
     )
     reward = ControlledReward(0.0, config.num_generations)  # every group informative
-    trainer = DGPOTrainer(path, reward, args=config, train_dataset=reversal_dataset(64, seed=3),
-                          processing_class=tokenizer)
+    trainer = DGPOTrainer(
+        path, reward, args=config, train_dataset=reversal_dataset(64, seed=3), processing_class=tokenizer
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(CaptureLogs())
     trainer.train()
@@ -437,8 +553,15 @@ def _train_one_step(path, tokenizer, *, use_liger, dtype, device, out_dir):
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    keys = ("dgpo/divergence/max", "dgpo/divergence/mean", "dgpo/reverse_kl/mean", "dgpo/weight/max",
-            "dgpo/scored_fraction", "reward", "frac_reward_zero_std")
+    keys = (
+        "dgpo/divergence/max",
+        "dgpo/divergence/mean",
+        "dgpo/reverse_kl/mean",
+        "dgpo/weight/max",
+        "dgpo/scored_fraction",
+        "reward",
+        "frac_reward_zero_std",
+    )
     return {k: captured.get(k) for k in keys} | {"policy_dtype": policy_dtype, "ref_dtype": ref_dtype}
 
 
@@ -469,7 +592,8 @@ def _first_micro_step_log_ratio(trainer) -> list[float]:
             mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
             with torch.no_grad():
                 logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-                    trainer, model, ids, mask, inputs["completion_ids"].size(1))
+                    trainer, model, ids, mask, inputs["completion_ids"].size(1)
+                )
             valid = inputs["completion_mask"].bool()
             ratios.append((logps - inputs["old_per_token_logps"])[valid].abs().max().item())
         return compute_loss(model, inputs)
@@ -483,10 +607,10 @@ def section_exactness(dry: bool, device) -> dict:
     """The bf16 log-probs TRL receives, and dropout-free divergences, on the device (see the module docstring)."""
     import torch
     import transformers
+    from bench_steps import ControlledReward
     from peft import LoraConfig, get_peft_model
     from transformers import PreTrainedTokenizerFast
 
-    from bench_steps import ControlledReward
     from dgpo_trl import DGPOTrainer
     from dgpo_trl.tasks import reversal_dataset
     from dgpo_trl.tiny import build_tiny_model
@@ -497,7 +621,10 @@ def section_exactness(dry: bool, device) -> dict:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(sharp)
         regimes = {"fp32": {}}
         if device.type == "cuda":
-            regimes = {"bf16_weights": {"model_init_kwargs": {"dtype": torch.bfloat16}}, "bf16_autocast": {"bf16": True}}
+            regimes = {
+                "bf16_weights": {"model_init_kwargs": {"dtype": torch.bfloat16}},
+                "bf16_autocast": {"bf16": True},
+            }
         for name, overrides in regimes.items():
             args = _exactness_config(f"{tmp}/{name}", device, steps_per_generation=2, max_steps=4, **overrides)
             trainer = DGPOTrainer(sharp, ControlledReward(0.0, 4), args=args, processing_class=tokenizer,
@@ -512,8 +639,10 @@ def section_exactness(dry: bool, device) -> dict:
         config.save_pretrained(Path(tmp) / "plain_attention_dropout")
         transformers.AutoModelForCausalLM.from_pretrained(plain).save_pretrained(Path(tmp) / "plain_attention_dropout")
         tokenizer.save_pretrained(Path(tmp) / "plain_attention_dropout")
-        lora = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=dtype),
-                              LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1))
+        lora = get_peft_model(
+            transformers.AutoModelForCausalLM.from_pretrained(plain, dtype=dtype),
+            LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1),
+        )
         with torch.no_grad():
             for param_name, param in lora.named_parameters():
                 if "lora_B" in param_name:
@@ -526,7 +655,9 @@ def section_exactness(dry: bool, device) -> dict:
             trainer = DGPOTrainer(model, ControlledReward(0.0, 4), args=args, processing_class=tokenizer,
                                   train_dataset=reversal_dataset(64, seed=3))  # fmt: skip
             trainer.train()
-            divergence = [row["dgpo/divergence/max"] for row in trainer.state.log_history if "dgpo/divergence/max" in row]
+            divergence = [
+                row["dgpo/divergence/max"] for row in trainer.state.log_history if "dgpo/divergence/max" in row
+            ]
             result[f"divergence_{kind}"] = divergence
             if divergence != [0.0]:
                 problems.append(f"step-1 dgpo/divergence/max {divergence} with {kind}, not 0")
@@ -556,8 +687,9 @@ def section_liger(dry: bool, device) -> dict:
             result["liger"] = "skipped: Liger's Triton kernels need a CUDA GPU"
         for name, use_liger in runs:
             try:
-                result[name] = _train_one_step(path, tokenizer, use_liger=use_liger, dtype=dtype, device=device,
-                                               out_dir=f"{tmp}/{name}")
+                result[name] = _train_one_step(
+                    path, tokenizer, use_liger=use_liger, dtype=dtype, device=device, out_dir=f"{tmp}/{name}"
+                )
             except Exception as error:  # noqa: BLE001 - recorded; the other run still goes
                 result[name] = dict(error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()[-3000:])
             _log(f"  {name}: {json.dumps(result[name])[:600]}")
@@ -570,9 +702,14 @@ def section_liger(dry: bool, device) -> dict:
             problems.append(f"{name}: no dgpo/divergence/max logged at step 1")
         elif run["dgpo/divergence/max"] != 0.0:
             problems.append(f"{name}: dgpo/divergence/max at step 1 is {run['dgpo/divergence/max']:.3g}, not 0")
-    result["targets"] = [dict(target=f"step-1 dgpo/divergence/max == 0 ({name})",
-                              measured=result[name].get("dgpo/divergence/max"),
-                              met=result[name].get("dgpo/divergence/max") == 0.0) for name, _ in runs]
+    result["targets"] = [
+        dict(
+            target=f"step-1 dgpo/divergence/max == 0 ({name})",
+            measured=result[name].get("dgpo/divergence/max"),
+            met=result[name].get("dgpo/divergence/max") == 0.0,
+        )
+        for name, _ in runs
+    ]
     if problems:
         raise SectionFailed("; ".join(problems), result)
     return result
@@ -586,9 +723,25 @@ def section_steps(dry: bool, device, partial_path: Path) -> dict:
 
     if dry:
         # Both paths, both TRL heads, a zero-advantage fraction and all three variants, at the smallest shape
-        argv = ["--shape", "micro", "--configs", "aligned:0.5:completion", "offpolicy:0:all", "--rounds", "1",
-                "--batch", "4", "--generations", "4", "--max-completion-length", "4",
-                "--timed-cycles", '{"aligned": 2, "offpolicy": 1}', "--warmup-cycles", '{"aligned": 1, "offpolicy": 1}']
+        argv = [
+            "--shape",
+            "micro",
+            "--configs",
+            "aligned:0.5:completion",
+            "offpolicy:0:all",
+            "--rounds",
+            "1",
+            "--batch",
+            "4",
+            "--generations",
+            "4",
+            "--max-completion-length",
+            "4",
+            "--timed-cycles",
+            '{"aligned": 2, "offpolicy": 1}',
+            "--warmup-cycles",
+            '{"aligned": 1, "offpolicy": 1}',
+        ]
     else:
         # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
         limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
@@ -640,13 +793,16 @@ def run_child(sections: list[str], dry: bool, result_path: Path) -> None:
         except SectionFailed as failure:
             record = dict(status="failed", error=str(failure), result=failure.result)
         except Exception as error:  # noqa: BLE001 - the kit records and goes on
-            record = dict(status="failed", error=f"{type(error).__name__}: {error}",
-                          traceback=traceback.format_exc()[-4000:])
+            record = dict(
+                status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc()[-4000:]
+            )
             if partial.exists():
                 record["result"] = json.loads(partial.read_text())
         record["seconds"] = time.perf_counter() - start
-        _log(f"=== {name}: {record['status']} in {record['seconds']:.1f}s"
-             + (f": {record['error'][:500]}" if "error" in record else ""))
+        _log(
+            f"=== {name}: {record['status']} in {record['seconds']:.1f}s"
+            + (f": {record['error'][:500]}" if "error" in record else "")
+        )
         records[name] = record
         result_path.write_text(json.dumps(records, default=str))
         if device.type == "cuda":
@@ -661,14 +817,32 @@ def install_wheels(wheel_dir: Path, target: Path, log) -> dict:
     wheels = sorted(wheel_dir.glob("*.whl"))
     if not wheels:
         return dict(status="skipped", reason=f"no wheels in {wheel_dir}")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--upgrade", "--target", str(target), *map(str, wheels)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(target),
+        *map(str, wheels),
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     log(proc.stdout + proc.stderr)
-    return dict(status="passed" if proc.returncode == 0 else "failed", wheels=[w.name for w in wheels],
-                returncode=proc.returncode, seconds=time.perf_counter() - start, target=str(target),
-                **({"error": (proc.stdout + proc.stderr)[-2000:]} if proc.returncode else {}))
+    return dict(
+        status="passed" if proc.returncode == 0 else "failed",
+        wheels=[w.name for w in wheels],
+        returncode=proc.returncode,
+        seconds=time.perf_counter() - start,
+        target=str(target),
+        **({"error": (proc.stdout + proc.stderr)[-2000:]} if proc.returncode else {}),
+    )
 
 
 def output_dir(out: Path | None, dry_run: bool) -> Path:
@@ -682,14 +856,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no wheel install (seconds)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the JSON, the log and steps/ go (default: benchmarks/results/gpu_check; dry run: "
-                             "$TMPDIR/dgpo_gpu_check_dry)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where the JSON, the log and steps/ go (default: benchmarks/results/gpu_check; dry run: "
+        "$TMPDIR/dgpo_gpu_check_dry)",
+    )
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheels to install first (GPU runs)")
-    parser.add_argument("--site", type=Path, default=Path(tempfile.gettempdir()) / "dgpo_gpu_site",
-                        help="where the wheels are installed (put first on PYTHONPATH)")
-    parser.add_argument("--install", choices=["auto", "yes", "no"], default="auto",
-                        help="install --wheels first (auto: on GPU runs, not on the dry run)")
+    parser.add_argument(
+        "--site",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "dgpo_gpu_site",
+        help="where the wheels are installed (put first on PYTHONPATH)",
+    )
+    parser.add_argument(
+        "--install",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="install --wheels first (auto: on GPU runs, not on the dry run)",
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole kit's time limit")
     parser.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -712,8 +898,16 @@ def main():
         print(text, flush=True)
         log(text)
 
-    report = dict(kit="dgpo-trl gpu_check", dry_run=args.dry_run, argv=sys.argv, started=time.strftime("%F %T %Z"),
-                  host=platform.node(), python=sys.executable, budget_s=args.budget_s, sections={})
+    report = dict(
+        kit="dgpo-trl gpu_check",
+        dry_run=args.dry_run,
+        argv=sys.argv,
+        started=time.strftime("%F %T %Z"),
+        host=platform.node(),
+        python=sys.executable,
+        budget_s=args.budget_s,
+        sections={},
+    )
     env = dict(os.environ, DGPO_GPU_CHECK_OUT=str(out))
     env.setdefault("PYTHONUNBUFFERED", "1")
     pythonpath = [str(ROOT)]
@@ -731,18 +925,32 @@ def main():
         limit = min(remaining, sum(SECTION_LIMITS[s] for s in group))
         if limit < 20:
             for name in group:
-                report["sections"][name] = dict(status="skipped",
-                                                reason=f"the kit's {args.budget_s:.0f}s budget ran out")
+                report["sections"][name] = dict(
+                    status="skipped", reason=f"the kit's {args.budget_s:.0f}s budget ran out"
+                )
             continue
         with tempfile.TemporaryDirectory() as tmp:
             result_path = Path(tmp) / "result.json"
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *group, "--child-result",
-                   str(result_path)] + (["--dry-run"] if args.dry_run else [])
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                *group,
+                "--child-result",
+                str(result_path),
+            ] + (["--dry-run"] if args.dry_run else [])
             t0 = time.perf_counter()
             try:
                 # The section's time limit goes down too: the steps section sizes its rounds to it
-                proc = subprocess.run(cmd, env=dict(env, DGPO_GPU_CHECK_LIMIT_S=f"{limit:.0f}"), cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=limit)
+                proc = subprocess.run(
+                    cmd,
+                    env=dict(env, DGPO_GPU_CHECK_LIMIT_S=f"{limit:.0f}"),
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    timeout=limit,
+                )
                 output, returncode, timed_out = proc.stdout, proc.returncode, False
             except subprocess.TimeoutExpired as expired:
                 output = expired.stdout or ""
@@ -754,9 +962,14 @@ def main():
                 if name in records:
                     report["sections"][name] = records[name]
                     continue
-                record = dict(status="failed", seconds=time.perf_counter() - t0, output_tail=output[-3000:],
-                              error=f"timed out after {limit:.0f}s" if timed_out
-                              else f"the section's process exited with {returncode} before recording it")
+                record = dict(
+                    status="failed",
+                    seconds=time.perf_counter() - t0,
+                    output_tail=output[-3000:],
+                    error=f"timed out after {limit:.0f}s"
+                    if timed_out
+                    else f"the section's process exited with {returncode} before recording it",
+                )
                 partial = result_path.with_suffix(f".{name}.partial.json")
                 if partial.exists():
                     record["result"] = json.loads(partial.read_text())
@@ -764,9 +977,10 @@ def main():
         json_path.write_text(json.dumps(report, indent=1, default=str))  # after every group: a kill keeps the rest
         for name in group:
             record = report["sections"][name]
-            say(f"{name}: {record['status']} ({record.get('seconds', 0):.0f}s)"
-                + (f" - {record.get('error', record.get('reason', ''))[:300]}"
-                   if record["status"] != "passed" else ""))
+            say(
+                f"{name}: {record['status']} ({record.get('seconds', 0):.0f}s)"
+                + (f" - {record.get('error', record.get('reason', ''))[:300]}" if record["status"] != "passed" else "")
+            )
 
     report["seconds"] = time.perf_counter() - start
     report["summary"] = summarize(report)
@@ -782,14 +996,17 @@ def summarize(report: dict) -> dict:
     lines, targets = [], []
     sections = report["sections"]
     for name, record in sections.items():
-        lines.append(f"[{record['status']}] {name} ({record.get('seconds', 0):.0f}s)"
-                     + (f": {record.get('error', record.get('reason', ''))[:200]}" if record["status"] != "passed"
-                        else ""))
+        lines.append(
+            f"[{record['status']}] {name} ({record.get('seconds', 0):.0f}s)"
+            + (f": {record.get('error', record.get('reason', ''))[:200]}" if record["status"] != "passed" else "")
+        )
         result = record.get("result") or {}
         targets += result.get("targets", [])
         if name == "environment" and result:
-            lines.append(f"    {result.get('gpu', 'no GPU')}; " + ", ".join(
-                f"{k} {v}" for k, v in result.get("versions", {}).items() if v))
+            lines.append(
+                f"    {result.get('gpu', 'no GPU')}; "
+                + ", ".join(f"{k} {v}" for k, v in result.get("versions", {}).items() if v)
+            )
         if name == "parity" and result:
             lines.append(f"    pytest: {result.get('counts')}")
             for row in result.get("numerics", []):
@@ -798,9 +1015,11 @@ def summarize(report: dict) -> dict:
                 lines.append(f"    kernel guard {row['dtype']}: {_guard_line(row)}")
         if name == "divergence":
             for row in result.get("summary", []):
-                lines.append(f"    {row['method']} H={row['H']}: {row['ratio_min']:.3f}-{row['ratio_max']:.3f} x floor"
-                             f", extra memory {row['mem_first_mib']:.1f} -> {row['mem_last_mib']:.1f} MiB "
-                             f"(N {row['N_range']})")
+                lines.append(
+                    f"    {row['method']} H={row['H']}: {row['ratio_min']:.3f}-{row['ratio_max']:.3f} x floor"
+                    f", extra memory {row['mem_first_mib']:.1f} -> {row['mem_last_mib']:.1f} MiB "
+                    f"(N {row['N_range']})"
+                )
         if name == "exactness":
             for key, value in result.items():
                 if key != "targets":
@@ -812,15 +1031,19 @@ def summarize(report: dict) -> dict:
                     lines.append(f"    {run}: dgpo/divergence/max at step 1 = {value}")
         if name == "steps":
             for row in result.get("rows", []):
-                lines.append(f"    {row['config']:22s} {row['variant']:13s} cycle {row['cycle_ms']:.0f} ms "
-                             f"(generation {row['generate_ms'] or 0:.0f}), peak {row['peak_mib']:.0f} MiB, "
-                             f"{row['rounds']} round(s), zero-advantage groups {row['frac_reward_zero_std']}")
+                lines.append(
+                    f"    {row['config']:22s} {row['variant']:13s} cycle {row['cycle_ms']:.0f} ms "
+                    f"(generation {row['generate_ms'] or 0:.0f}), peak {row['peak_mib']:.0f} MiB, "
+                    f"{row['rounds']} round(s), zero-advantage groups {row['frac_reward_zero_std']}"
+                )
             for ratio in result.get("ratios", []):
                 if ratio["ratio"].startswith("dgpo /"):
                     cycle, peak = ratio["cycle"], ratio.get("peak") or {}
-                    lines.append(f"    {ratio['config']:22s} {ratio['ratio']}: cycle {cycle['mean']:.3f} "
-                                 f"(+- {cycle['ci95']:.3f}, {cycle['n']} rounds), peak memory "
-                                 f"{peak.get('mean', float('nan')):.3f}")
+                    lines.append(
+                        f"    {ratio['config']:22s} {ratio['ratio']}: cycle {cycle['mean']:.3f} "
+                        f"(+- {cycle['ci95']:.3f}, {cycle['n']} rounds), peak memory "
+                        f"{peak.get('mean', float('nan')):.3f}"
+                    )
     for target in targets:
         verdict = {True: "met", False: "MISSED", None: "not judged (dry run)"}[target["met"]]
         if target.get("resolved") is False:  # the step benchmark's: its 95% interval includes the limit

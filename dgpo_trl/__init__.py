@@ -7,7 +7,6 @@
 import re
 from importlib.metadata import PackageNotFoundError, version
 
-
 SUPPORTED_TRL = "1.16"
 """The TRL release (major.minor) whose private `GRPOTrainer` methods `DGPOTrainer` overrides; as in pyproject.toml,
 which says why 1.15 is not admitted."""
@@ -25,7 +24,8 @@ def _check_trl_version() -> None:
     if release is None or f"{release[1]}.{release[2]}" != SUPPORTED_TRL:
         raise ImportError(
             f"dgpo-trl supports trl {SUPPORTED_TRL}.x (DGPOTrainer overrides private methods of that release's "
-            f'GRPOTrainer), but trl {installed} is installed. Install a supported release: pip install "{TRL_REQUIREMENT}".'
+            f"GRPOTrainer), but trl {installed} is installed. Install a supported release: "
+            f'pip install "{TRL_REQUIREMENT}".'
         )
 
 
@@ -42,7 +42,6 @@ from .functional import (  # noqa: E402
     token_weights,
     weights_from_scores,
 )
-
 
 __version__ = "0.1.0"
 

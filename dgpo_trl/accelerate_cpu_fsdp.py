@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 
-
 PATCH_VARIABLE = "DGPO_PATCH_ACCELERATE_CPU_FSDP"
 _PATCHED = "_dgpo_cpu_fsdp_patch"  # marks accelerate's patched methods (the patch is applied once per process)
 

@@ -6,8 +6,8 @@ from .reference import check_reference_adapter
 
 
 def check_trainer_arguments(model, args, given: dict, weighted: bool, peft: bool) -> None:
-    """What DGPOTrainer refuses before anything touches the model. `given`: GRPOTrainer's arguments by name; `weighted`:
-    DGPO's weights are on (a reference is built); `peft`: the policy is a PEFT model."""
+    """What DGPOTrainer refuses before anything touches the model. `given`: GRPOTrainer's arguments by name;
+    `weighted`: DGPO's weights are on (a reference is built); `peft`: the policy is a PEFT model."""
     for name in ("train_dataset", "eval_dataset"):
         check_dataset(given.get(name), name, environment=given.get("environment_factory") is not None)
     if weighted and args.sync_ref_model and peft:

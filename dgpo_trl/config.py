@@ -17,7 +17,6 @@ from trl import GRPOConfig
 from .accelerate_cpu_fsdp import check_cpu_fsdp_launch
 from .functional import DEFAULT_CHUNK_SIZE, DIVERGENCES, ENTROPY_GATES
 
-
 # TRL 1.16's GRPO loss types; each multiplies per-token advantages into a per-token loss.
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 # Loss types whose gradient is A_{i,t} * grad log pi_t even under a sequence-level importance ratio
@@ -198,8 +197,9 @@ def validate_dgpo_arguments(args, warn: bool = True, fixed_uniform_weights: bool
     """Checks DGPO's fields (and the TRL fields DGPO constrains) on a `DGPOConfig` or a plain `GRPOConfig`.
 
     A `GRPOConfig` has no `dgpo_*` fields and gets `DGPOConfig`'s defaults. Raises `ValueError` naming the field and
-    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO. `fixed_uniform_weights`: the value a
-    built trainer fixed (it loaded a reference model or none), which `dgpo_uniform_weights` may no longer change.
+    its allowed values; warns when `beta > 0` keeps TRL's KL penalty on top of DGPO. `fixed_uniform_weights`: the
+    value a built trainer fixed (it loaded a reference model or none), which `dgpo_uniform_weights` may no longer
+    change.
     """
     _apply_deprecated_score(args)  # also when a callback sets it during training
     tau = getattr(args, "dgpo_tau", DGPOConfig.dgpo_tau)
@@ -266,7 +266,8 @@ def validate_dgpo_arguments(args, warn: bool = True, fixed_uniform_weights: bool
 # Frames a warning passes through on its way from the user's line: this package, the dataclass-generated __init__
 # (file "<string>"), and the TRL/transformers layers a config or trainer is built through (HfArgumentParser, Trainer)
 _LIBRARY_DIRS = tuple(
-    os.path.dirname(module.__file__) + os.sep for module in (sys.modules[__package__], sys.modules["trl"], transformers)
+    os.path.dirname(module.__file__) + os.sep
+    for module in (sys.modules[__package__], sys.modules["trl"], transformers)
 )
 
 
@@ -275,7 +276,9 @@ def _caller_stacklevel() -> int:
     frame outside dgpo_trl, TRL, transformers and generated dataclass code. Python 3.12's `skip_file_prefixes` does
     this, but the package supports 3.10."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(_LIBRARY_DIRS) or frame.f_code.co_filename == "<string>"):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_LIBRARY_DIRS) or frame.f_code.co_filename == "<string>"
+    ):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 from .tasks import TASKS
 
-
 __all__ = [
     "MATH_DATASETS",
     "REASONING_INSTRUCTION",

@@ -30,7 +30,6 @@ from .rewards import (
     parse_answer,
 )
 
-
 __all__ = [
     "ExactMatchScorer",
     "HFGenerator",

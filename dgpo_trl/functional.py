@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import torch
 
-
 DIVERGENCES = ("hellinger", "reverse_kl")
 """The token divergences d_t DGPO can score tokens by: the squared Hellinger distance (the paper's) or the reverse KL
 (its ablation)."""
@@ -470,8 +469,8 @@ def token_divergence_and_entropy(
     """Per-token divergence d_t between pi_theta and pi_ref, and the entropy of pi_theta (nats).
 
     `divergence="hellinger"` gives the squared Hellinger distance 1 - sum_a sqrt(pi_theta(a) pi_ref(a)) in [0, 1];
-    `divergence="reverse_kl"` gives KL(pi_theta || pi_ref) (the paper's ablation). Both over the full vocabulary, computed
-    in tiles (see [`token_statistics`]). Returns `(divergence, entropy)`, each (N,) float32.
+    `divergence="reverse_kl"` gives KL(pi_theta || pi_ref) (the paper's ablation). Both over the full vocabulary,
+    computed in tiles (see [`token_statistics`]). Returns `(divergence, entropy)`, each (N,) float32.
     """
     stats = token_statistics(
         policy_hidden,
@@ -625,7 +624,9 @@ def tau_for_target_ess(
         weights = weights_from_scores(scores, mask, math.exp(log_tau))
         # One dtype on every process, whatever its scores' (a process with nothing to score has an empty float32 batch)
         wide = wide_dtype(scores.device)
-        local = torch.stack([effective_sample_size(weights, mask).sum().to(wide), torch.tensor(float(len(scores)), dtype=wide)])
+        local = torch.stack(
+            [effective_sample_size(weights, mask).sum().to(wide), torch.tensor(float(len(scores)), dtype=wide)]
+        )
         total, count = reduce(local.to(scores.device)).tolist()
         return total / count if count else 1.0
 

@@ -26,13 +26,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from accelerate.utils import DistributedType
 from peft import PeftModel
-
 from transformers import TrainerCallback
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, use_adapter
 
 from .forwards import backbone_forward, causal_lm, eval_mode, fused_forward
-
 
 # The name of the frozen adapter that holds the reference of a pretrained adapter (the name TRL gives its own)
 REFERENCE_ADAPTER = "ref"
@@ -86,8 +84,18 @@ class FrozenReference:
         return cls(policy, root, adapter=REFERENCE_ADAPTER)
 
     @classmethod
-    def for_policy(cls, policy, root, *, copied, pretrained_adapter: bool, accelerator, args, temperature: float,
-                   quantization_config=None) -> FrozenReference:
+    def for_policy(
+        cls,
+        policy,
+        root,
+        *,
+        copied,
+        pretrained_adapter: bool,
+        accelerator,
+        args,
+        temperature: float,
+        quantization_config=None,
+    ) -> FrozenReference:
         """The form that follows from what the user passed: a PEFT policy is its own reference (a pretrained adapter
         passed in a `PeftModel` gets a frozen copy of it); a full model passed as an object has its `copied` copy;
         a full model passed as a path is loaded from that path."""
@@ -142,7 +150,8 @@ class FrozenReference:
 
     def answers(self, model: torch.nn.Module, unwrap: Callable) -> bool:
         """Whether TRL's call of `_get_per_token_logps_and_entropies` with `model` is its reference forward: with the
-        prepared reference, or with the policy while the reference's adapter setting is active (TRL's `use_adapter`)."""
+        prepared reference, or with the policy while the reference's adapter setting is active (TRL's
+        `use_adapter`)."""
         if not self.uses_policy:
             return model is self.prepared
         policy = unwrap(model)
@@ -182,7 +191,10 @@ class FrozenReference:
         """The reference's root, in eval mode (no dropout), under its adapter setting."""
         self._restore()
         root = self._root()
-        with use_adapter(self.model, adapter_name=self._adapter) if self.uses_policy else nullcontext(), eval_mode(root):
+        with (
+            use_adapter(self.model, adapter_name=self._adapter) if self.uses_policy else nullcontext(),
+            eval_mode(root),
+        ):
             yield root
 
 
@@ -199,9 +211,10 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     quantized = getattr(model, "hf_quantizer", None) is not None
     if quantized or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         raise ValueError(
-            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but a quantized model cannot "
-            "be copied. Pass a `peft_config` (the reference is then the same model with its adapter disabled, as in "
-            "QLoRA), or pass the model's path as a string with `quantization_config` so the reference is loaded from it."
+            "DGPO scores tokens against a frozen copy of the model passed to the trainer, but a quantized model cannot"
+            " be copied. Pass a `peft_config` (the reference is then the same model with its adapter disabled, as in"
+            " QLoRA), or pass the model's path as a string with `quantization_config` so the reference is loaded from"
+            " it."
         )
     if any(param.is_meta for param in model.parameters()):
         raise ValueError(
@@ -229,8 +242,9 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
                 "instead."
             )
     for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param]), deepspeed.zero.GatheredParameters(
-            [copies[name]], modifier_rank=0
+        with (
+            deepspeed.zero.GatheredParameters([param]),
+            deepspeed.zero.GatheredParameters([copies[name]], modifier_rank=0),
         ):
             if rank == 0:
                 copies[name].data.copy_(param.data)

@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 
 from .tasks import exact_match_reward, final_answer_reward
 
-
 __all__ = [
     "REWARD_FUNCTIONS",
     "MathAccuracyReward",

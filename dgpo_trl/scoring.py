@@ -15,11 +15,9 @@ from typing import NamedTuple
 
 import torch
 from torch.distributed.tensor import DTensor
-
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .functional import DIVERGENCES, token_statistics, wide_dtype
-
 
 # Model inputs that hold one row per completion, so a subset of completions is a subset of their rows
 PER_ROW_INPUTS = {"input_ids", "attention_mask"}

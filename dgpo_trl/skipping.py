@@ -23,7 +23,6 @@ from transformers.utils import logging
 
 from .weighting import sequence_advantages, valid_mask
 
-
 logger = logging.get_logger(__name__)
 
 
@@ -126,9 +125,9 @@ def full_batch_metrics(metrics: dict, inputs: dict, trained: TrainedRows, reduce
     completions trained across processes (`reduce` sums over processes).
 
     `clip_ratio/*_mean` and `cispo_clip_ratio`: x (valid tokens of the rows TRL saw / valid tokens), over processes
-    (the zero-advantage rows among those add no clipped token); `clip_ratio/
-    low_min`: 0 where a skipped row has a valid token (its clipped fraction is 0). `clip_ratio/high_max` is already
-    the full batch's (the maximum of fractions >= 0). `entropy` and `vespo/phi_seq_mean` need the skipped rows'
+    (the zero-advantage rows among those add no clipped token); `clip_ratio/low_min`: 0 where a skipped row has a
+    valid token (its clipped fraction is 0). `clip_ratio/high_max` is already the full batch's (the maximum of
+    fractions >= 0). `entropy` and `vespo/phi_seq_mean` need the skipped rows'
     forward: they stay over the trained rows."""
     mask = valid_mask(inputs)
     has_tokens = mask.any(-1)

@@ -4,11 +4,11 @@ Every task draws plain-string prompts (standard, non-conversational format: the 
 from a `random.Random`, knows the expected answer of each of its prompts (`Task.expected_answer`, what heatmaps show
 beside a completion), reads the answer a completion states (`Task.stated_answer`) and has a TRL reward function.
 
-| name       | prompt -> completion              | completion tokens                               | reward                |
-|------------|-----------------------------------|-------------------------------------------------|-----------------------|
-| `reversal` | `r12345>` -> `54321`              | 3-6 digits + EOS, every one decides the reward  | `exact_match_reward`  |
-| `addition` | `a3+4=` -> `7`                    | 1-2 digits + EOS                                | `exact_match_reward`  |
-| `filler`   | `f3825>` -> `<8-12 letters>=5283` | 12-17 + EOS; only the digits after the last `=` | `final_answer_reward` |
+| name       | prompt -> completion              | completion tokens                          | reward                |
+|------------|-----------------------------------|--------------------------------------------|-----------------------|
+| `reversal` | `r12345>` -> `54321`              | 3-6 digits + EOS, each decides the reward  | `exact_match_reward`  |
+| `addition` | `a3+4=` -> `7`                    | 1-2 digits + EOS                           | `exact_match_reward`  |
+| `filler`   | `f3825>` -> `<8-12 letters>=5283` | 12-17 + EOS; the digits after the last `=` | `final_answer_reward` |
 
 `filler` is built for credit assignment: its letters are free, high-entropy tokens the reward ignores (drawn uniformly
 from `FILLER_LETTERS`), so a sequence-level advantage spread uniformly (GRPO) lands mostly on tokens that do not
@@ -26,7 +26,6 @@ import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-
 
 __all__ = [
     "ADDITION",

@@ -20,7 +20,6 @@ import torch
 from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 ALPHABET = string.digits + string.ascii_letters + " \n.,:;!?+-*/=()[]{}<>'\"_^\\$#%&|~@"
 
@@ -59,8 +58,13 @@ ARCHITECTURES = {
     # Caps far below the real 30 / 50: a random tiny model's logits are O(1), and the caps must bend them visibly.
     "gemma2": (
         "Gemma2Config",
-        {"tie_word_embeddings": True, "final_logit_softcapping": 2.0, "attn_logit_softcapping": 5.0,
-         "sliding_window": 4, "attn_implementation": "eager"},
+        {
+            "tie_word_embeddings": True,
+            "final_logit_softcapping": 2.0,
+            "attn_logit_softcapping": 5.0,
+            "sliding_window": 4,
+            "attn_implementation": "eager",
+        },
     ),  # fmt: skip
     # Logits multiplied by logit_scale (Command-R's 0.0625 would flatten a random tiny model's logits), tied
     "cohere": ("CohereConfig", {"tie_word_embeddings": True, "logit_scale": 0.5}),
@@ -68,8 +72,14 @@ ARCHITECTURES = {
     # 5x the usual std, so that the scaled-down logits are not flat (at 0.02 their std is ~0.02: near-uniform)
     "granite": (
         "GraniteConfig",
-        {"tie_word_embeddings": False, "logits_scaling": 8.0, "embedding_multiplier": 4.0,
-         "residual_multiplier": 0.5, "attention_multiplier": 1 / 16, "initializer_range": 0.1},
+        {
+            "tie_word_embeddings": False,
+            "logits_scaling": 8.0,
+            "embedding_multiplier": 4.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 1 / 16,
+            "initializer_range": 0.1,
+        },
     ),  # fmt: skip
 }
 
@@ -251,7 +261,7 @@ def supervised_warmup(
 
 
 def sft_batch(tokenizer, rows) -> dict[str, torch.Tensor]:
-    """Model inputs for `prompt + answer + <eos>` rows with the loss on the answer, left-padded as GRPO pads prompts."""
+    """Model inputs for `prompt + answer + <eos>` rows, the loss on the answer, left-padded as GRPO pads prompts."""
     ids, labels = [], []
     for row in rows:
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]

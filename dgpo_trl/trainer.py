@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
-
 from trl import GRPOTrainer
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import get_config_model_id
@@ -34,15 +33,14 @@ from .scoring import StatisticsPass, divergence_pass, logit_transform, select_ro
 from .skipping import full_batch_metrics, skipping_blockers, take_rows, trained_rows
 from .weighting import (
     TOKEN_WEIGHTS,
-    WEIGHTED_KEYS,
     WEIGHT_SCORES,
+    WEIGHTED_KEYS,
     entropy_mask_inputs,
     reallocated_weights,
     sequence_advantages,
     valid_mask,
     weigh,
 )
-
 
 # Keyword arguments of `GRPOTrainer._get_per_token_logps_and_entropies` that are options, not model inputs
 _SCORING_OPTIONS = ("batch_size", "compute_entropy", "compute_aux_loss")
@@ -59,7 +57,7 @@ DGPO_PAPER = {
             author       = {Hongbo Jin and Rongpeng Zhu and Zhongjing Du and Xu Jiang and Jingqi Tian and Qiaoman Zhang and Jiayu Ding},
             year         = 2026,
             eprint       = {arXiv:2605.03327},
-        }"""),
+        }"""),  # noqa: E501 (the author list on one line, as a citation is copied)
 }
 
 
@@ -135,8 +133,10 @@ class DGPOTrainer(GRPOTrainer):
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = DGPOConfig(f"{model_name.split('/')[-1]}-DGPO")
         # A plain GRPOConfig (a pipeline that only swapped the trainer class) runs with DGPO's defaults
-        weighted = self._weights_tokens = not validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig)).uniform_weights
-        given = inspect.signature(GRPOTrainer.__init__).bind(self, model, reward_funcs, args, *trainer_args, **trainer_kwargs).arguments
+        uniform = validate_dgpo_arguments(args, warn=not isinstance(args, DGPOConfig)).uniform_weights
+        weighted = self._weights_tokens = not uniform
+        signature = inspect.signature(GRPOTrainer.__init__)
+        given = signature.bind(self, model, reward_funcs, args, *trainer_args, **trainer_kwargs).arguments
         peft_config = given.get("peft_config")
         passed_peft_model = not isinstance(model, str) and is_peft_model(model)
         check_trainer_arguments(model, args, given, weighted, peft=peft_config is not None or passed_peft_model)
@@ -212,6 +212,7 @@ class DGPOTrainer(GRPOTrainer):
         return output
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        trl_forward = super()._get_per_token_logps_and_entropies
         phase = self._phase_state if self._weights_tokens else None
         if isinstance(phase, _Scoring) and self.reference.answers(model, self._unwrap):
             # TRL's reference forward (beta > 0): DGPO's own reference forward yields these log-probs, TRL's exactly,
@@ -222,16 +223,14 @@ class DGPOTrainer(GRPOTrainer):
             phase.statistics = self._statistics_pass(
                 policy_forward=lambda inputs, labels: fused_forward(self.model, self._policy(), inputs, labels)
             )
-            return super()._get_per_token_logps_and_entropies(
-                phase.statistics, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
+            return trl_forward(phase.statistics, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         if not isinstance(phase, _LossTime) or TOKEN_WEIGHTS in phase.inputs:
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+            return trl_forward(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         # The micro-batch's first training forward, pi_theta == pi_old: it provides the policy's side
         inputs = phase.trained
         deterministic = not (self._training_noise and self.model.training)
         with captured_hidden_states(self._policy()) if deterministic else nullcontext([]) as captured:
-            result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+            result = trl_forward(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         kwargs.update(batch_size=None, compute_entropy=False, compute_aux_loss=False)
         multimodal = any(value is not None for key, value in kwargs.items() if key not in _SCORING_OPTIONS)
         wanted = self._rows_wanted(inputs)
@@ -240,7 +239,7 @@ class DGPOTrainer(GRPOTrainer):
             policy_hidden=torch.cat(captured)[rows] if captured else None, policy_logps=result[0].detach()[rows]
         )
         if len(rows):
-            super()._get_per_token_logps_and_entropies(statistics, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs)
+            trl_forward(statistics, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs)
         stats = statistics.completion_statistics(logits_to_keep, input_ids.device)
         scored = rows[wanted[rows]]
         stats = type(stats)(*(x[wanted[rows]] for x in stats))
@@ -248,7 +247,8 @@ class DGPOTrainer(GRPOTrainer):
             self._apply_token_weights(inputs, stats, scored)
         else:  # the weights belong to the whole micro-batch (a later iteration over it reuses them)
             self._apply_token_weights(phase.inputs, stats, phase.rows[scored])
-            inputs.update(take_rows({key: phase.inputs[key] for key in WEIGHTED_KEYS if key in phase.inputs}, phase.rows))
+            weighted = {key: phase.inputs[key] for key in WEIGHTED_KEYS if key in phase.inputs}
+            inputs.update(take_rows(weighted, phase.rows))
         return result
 
     def _compute_loss(self, model, inputs):
@@ -277,7 +277,8 @@ class DGPOTrainer(GRPOTrainer):
         return entropy_mask
 
     def log(self, logs, start_time=None):
-        # TRL averages each metric over the logging window; DGPO's maxima are the window's (TRL's own `*_max` stay means)
+        # TRL averages each metric over the logging window; DGPO's maxima are the window's (TRL's own `*_max` stay
+        # means)
         for values in self._metrics.values():
             for key, window in values.items():
                 if key.startswith("dgpo/") and key.endswith("/max") and window:
@@ -336,16 +337,10 @@ class DGPOTrainer(GRPOTrainer):
 
     def _divergence_pass(self, policy_hidden, ref_hidden):
         return divergence_pass(
-            policy_hidden,
-            causal_lm(self._policy()).get_output_embeddings(),
-            ref_hidden,
-            self.reference.lm_head,
-            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
-            temperature=self.temperature,
-            logit_scale=self._logit_scale,
-            final_logit_softcapping=self._softcap,
-            chunk_size=self.dgpo.chunk_size,
-        )
+            policy_hidden, causal_lm(self._policy()).get_output_embeddings(), ref_hidden, self.reference.lm_head,
+            cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32, temperature=self.temperature,
+            logit_scale=self._logit_scale, final_logit_softcapping=self._softcap, chunk_size=self.dgpo.chunk_size,
+        )  # fmt: skip
 
     def _rows_wanted(self, inputs: dict) -> torch.Tensor:
         """(B,) bool: the completions whose weights matter at loss time, those with a valid token and, unless TRL's
@@ -373,10 +368,11 @@ class DGPOTrainer(GRPOTrainer):
         mask, advantages = valid_mask(inputs), sequence_advantages(inputs)
         reduce = functools.partial(self.accelerator.reduce, reduction="sum")
         dtype = torch.float64 if self._policy().dtype == torch.float64 else torch.float32
-        batch = weigh(stats, mask, rows, advantages, self.dgpo, vocab_size=self._vocab_size, reduce=reduce, dtype=dtype)
+        settings, vocab_size = self.dgpo, self._vocab_size
+        batch = weigh(stats, mask, rows, advantages, settings, vocab_size=vocab_size, reduce=reduce, dtype=dtype)
         inputs[TOKEN_WEIGHTS] = batch.weights
         inputs["advantages"] = advantages.unsqueeze(1) * batch.weights
-        if self.top_entropy_quantile < 1.0:  # TRL picks the tokens it trains in each loss call: see get_high_entropy_mask
+        if self.top_entropy_quantile < 1.0:  # TRL picks the tokens it trains per loss call: get_high_entropy_mask
             inputs.update(entropy_mask_inputs(batch, mask, rows, advantages))
         if self.beta != 0.0:  # every row with a valid token was scored (`_rows_wanted`); the others have no KL term
             ref_logps = torch.zeros_like(batch.weights, dtype=torch.float32)  # TRL's log-probs are float32

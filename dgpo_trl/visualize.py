@@ -38,7 +38,6 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-
 __all__ = [
     "PROMPT_CHARS",
     "HeatmapCompletion",
@@ -159,7 +158,7 @@ def _shorten(text: str, limit: int) -> str:
         return text
     keep = max(limit - 3, 2)
     head = (keep + 1) // 2
-    return f"{text[:head]} … {text[len(text) - (keep - head):]}"
+    return f"{text[:head]} … {text[len(text) - (keep - head) :]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +224,7 @@ class _Scale:
         if not math.isfinite(weight):
             return str(weight)
         decimals = self.decimals()
-        if 0 < abs(weight) < 10 ** -decimals:  # e.g. the blue end of a very wide scale
+        if 0 < abs(weight) < 10**-decimals:  # e.g. the blue end of a very wide scale
             return f"{weight:.2g}"
         return f"{weight:.{decimals}f}"
 
@@ -417,8 +416,13 @@ def _draw_png_legend(ax, scale: _Scale, row: float) -> None:
         position = -1 + (2 * k + 1) / segments
         x = _BAR_COLUMNS * k / segments
         ax.add_patch(
-            Rectangle((x, row - 0.3), _BAR_COLUMNS / segments + 0.02, 0.6, facecolor=_unit_rgb(_ramp_rgb(position)),
-                      linewidth=0)
+            Rectangle(
+                (x, row - 0.3),
+                _BAR_COLUMNS / segments + 0.02,
+                0.6,
+                facecolor=_unit_rgb(_ramp_rgb(position)),
+                linewidth=0,
+            )
         )
     ax.add_patch(Rectangle((0, row - 0.3), _BAR_COLUMNS, 0.6, fill=False, edgecolor="#999999", linewidth=0.6))
     for x, label, align in zip((0, _BAR_COLUMNS / 2, _BAR_COLUMNS), scale.ticks(), ("left", "center", "right")):
@@ -483,8 +487,16 @@ def heatmap_png(
             for text, boxed in segments:
                 if boxed:
                     ax.add_patch(Rectangle((column, row - 0.42), len(text), 0.84, facecolor="#f2f2f2", linewidth=0))
-                ax.text(column, row, text, family="DejaVu Sans Mono", fontsize=font_size, va="center",
-                        color="#222222" if boxed else "#777777", parse_math=False)
+                ax.text(
+                    column,
+                    row,
+                    text,
+                    family="DejaVu Sans Mono",
+                    fontsize=font_size,
+                    va="center",
+                    color="#222222" if boxed else "#777777",
+                    parse_math=False,
+                )
                 column += len(text)
             row += 1
         for line in lines:
@@ -493,8 +505,16 @@ def heatmap_png(
                 background = scale.rgb(completion.weights[index])
                 box = Rectangle((column, row - 0.42), len(shown), 0.84, facecolor=_unit_rgb(background), linewidth=0)
                 ax.add_patch(box)
-                ax.text(column, row, shown, family="DejaVu Sans Mono", fontsize=font_size, va="center",
-                        color=_unit_rgb(_text_rgb(background)), parse_math=False)
+                ax.text(
+                    column,
+                    row,
+                    shown,
+                    family="DejaVu Sans Mono",
+                    fontsize=font_size,
+                    va="center",
+                    color=_unit_rgb(_text_rgb(background)),
+                    parse_math=False,
+                )
                 column += len(shown)
             row += 1
         row += 1

@@ -17,7 +17,6 @@ import torch
 
 from .functional import nonfinite_sequences, tau_for_target_ess, token_scores, weights_from_scores, wide_dtype
 
-
 SEQUENCE_ADVANTAGES = "dgpo_sequence_advantages"
 TOKEN_WEIGHTS = "dgpo_token_weights"
 WEIGHT_SCORES, WEIGHT_TAU = "dgpo_weight_scores", "dgpo_weight_tau"
@@ -39,9 +38,10 @@ def sequence_advantages(inputs: dict) -> torch.Tensor:
 
 
 class BatchWeights(NamedTuple):
-    """The weights of a batch. `weights` (B, T) (float32, float64 for a float64 model): DGPO's on the scored rows, 1 on the other valid tokens, 0
-    elsewhere. For the scored rows (len(rows), T): `scores` s_t, `divergence` d_t, and `scored_weights` in float64
-    (the metrics resolve spreads far below float32's resolution near w = 1); `tau` the temperature used."""
+    """The weights of a batch. `weights` (B, T) (float32, float64 for a float64 model): DGPO's on the scored rows, 1
+    on the other valid tokens, 0 elsewhere. For the scored rows (len(rows), T): `scores` s_t, `divergence` d_t, and
+    `scored_weights` in float64 (the metrics resolve spreads far below float32's resolution near w = 1); `tau` the
+    temperature used."""
 
     weights: torch.Tensor
     scored_weights: torch.Tensor
@@ -72,7 +72,7 @@ def weigh(stats, mask, rows, advantages, settings, *, vocab_size: int, reduce: C
 
 
 def entropy_mask_inputs(batch: BatchWeights, mask, rows, advantages) -> dict:
-    """`WEIGHT_SCORES` and `WEIGHT_TAU` of a batch: a sequence with a non-finite score gets uniform weights there too."""
+    """`WEIGHT_SCORES` and `WEIGHT_TAU` of a batch (a sequence with a non-finite score gets uniform weights there)."""
     scored_mask = mask[rows]
     scores = torch.zeros_like(batch.weights, dtype=batch.scores.dtype)
     finite = ~nonfinite_sequences(batch.scores, scored_mask).unsqueeze(-1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 
-
 # One thread: tiny models are ~10x faster so on small CPUs than with torch's default thread pool (set before torch)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,7 +31,6 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-
 
 # DGPO minus GRPO held-out Avg@8, in points, of this script with its defaults and --seed 0, 1, 2, 3 (2-core CPU): the
 # spread one seed's comparison shows with no real difference between the methods
@@ -49,8 +47,8 @@ def noise_note(avg_dgpo: float, avg_grpo: float, problems: int, samples: int) ->
         f"One seed is not a comparison: with the defaults, seeds 0-3 gave DGPO - GRPO Avg@8 differences of {measured} "
         f"points, so a single seed can show a gap of ~9 points either way. Here DGPO - GRPO is "
         f"{100 * (avg_dgpo - avg_grpo):+.1f} points; the held-out sampling alone ({problems} problems x {samples} "
-        f"samples) moves it by about ±{sampling:.1f} (95%), and training on different samples by more. The paired-seed "
-        "study compares them on two tasks with the seed noise paired out: docs/results.md "
+        f"samples) moves it by about ±{sampling:.1f} (95%), and training on different samples by more. The "
+        "paired-seed study compares them on two tasks with the seed noise paired out: docs/results.md "
         "(python benchmarks/learning/study.py)."
     )
 

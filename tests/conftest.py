@@ -12,7 +12,6 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import pytest
 import torch
 
-
 torch.set_num_threads(1)
 
 

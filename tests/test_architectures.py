@@ -36,10 +36,9 @@ from conftest import cpu_args
 
 from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.rewards import completion_text
-from dgpo_trl.visualize import completions_from_token_weights
 from dgpo_trl.tasks import reversal_dataset
 from dgpo_trl.tiny import ARCHITECTURES, build_tiny_model, build_tiny_vlm, tiny_vlm_processor
-
+from dgpo_trl.visualize import completions_from_token_weights
 
 TEMPERATURE = 0.7
 TAU = 0.02  # small enough that the weights spread after two steps (std 0.04-0.3), large enough for tight tolerances
@@ -236,8 +235,14 @@ def _vlm_log_probs(model, output, width, pixel_values):
     attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
     # Which positions hold image tokens: the multimodal rotary positions are computed from it
     image_tokens = (ids == model.config.image_token_id).long()
-    logits = model(input_ids=ids, attention_mask=attention, pixel_values=pixel_values, mm_token_type_ids=image_tokens,
-                   image_grid_thw=output["image_grid_thw"], use_cache=False).logits[:, -width - 1 : -1]
+    logits = model(
+        input_ids=ids,
+        attention_mask=attention,
+        pixel_values=pixel_values,
+        mm_token_type_ids=image_tokens,
+        image_grid_thw=output["image_grid_thw"],
+        use_cache=False,
+    ).logits[:, -width - 1 : -1]
     return torch.log_softmax(logits.double() / TEMPERATURE, dim=-1)
 
 
@@ -253,8 +258,14 @@ def test_vision_language_model_matches_float64_recomputation(vlm_path, tmp_path,
         lr_scheduler_type="constant", temperature=TEMPERATURE, dgpo_tau=TAU, **PATHS[path_name],
     ))  # fmt: skip
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]) if lora else None
-    trainer = DGPOTrainer(vlm_path, digit_fraction_reward, args=args, train_dataset=_image_dataset(64, seed=3),
-                          processing_class=tiny_vlm_processor(vlm_path), peft_config=peft_config)
+    trainer = DGPOTrainer(
+        vlm_path,
+        digit_fraction_reward,
+        args=args,
+        train_dataset=_image_dataset(64, seed=3),
+        processing_class=tiny_vlm_processor(vlm_path),
+        peft_config=peft_config,
+    )
     trainer.num_completions_to_show = 10**6
     trainer.train()
     assert trainer.state.global_step == 2
@@ -292,8 +303,9 @@ def test_vision_language_model_matches_float64_recomputation(vlm_path, tmp_path,
         with policy.disable_adapter():
             log_q = _vlm_log_probs(policy, output, width, output["pixel_values"])
     else:
-        log_q = _vlm_log_probs(trainer.accelerator.unwrap_model(trainer.ref_model), output, width,
-                               output["pixel_values"])
+        log_q = _vlm_log_probs(
+            trainer.accelerator.unwrap_model(trainer.ref_model), output, width, output["pixel_values"]
+        )
     hellinger, entropy, expected = _expected(log_p, log_q, mask, trainer.dgpo.tau, trainer.dgpo.kappa)
     valid = mask[rows]
     where = f"qwen2_vl {path_name} {'lora' if lora else 'full'}"
@@ -310,8 +322,13 @@ def test_vision_language_model_matches_float64_recomputation(vlm_path, tmp_path,
     close(stats.entropy[valid], entropy[rows][valid], "entropy", rtol=ENTROPY_RTOL, atol=0)
     close(weights[valid], expected[rows][valid], "weights", rtol=WEIGHT_RTOL, atol=0)
     assert weights[valid].std() > MIN_WEIGHT_STD, (where, weights[valid].std())
-    close(output["advantages"], sequence_advantages.unsqueeze(1).double() * expected, "advantages",
-          rtol=WEIGHT_RTOL, atol=1e-7)
+    close(
+        output["advantages"],
+        sequence_advantages.unsqueeze(1).double() * expected,
+        "advantages",
+        rtol=WEIGHT_RTOL,
+        atol=1e-7,
+    )
     labels = output["completion_ids"].unsqueeze(-1)
     label_logps = {"policy": log_p.gather(-1, labels).squeeze(-1), "ref": log_q.gather(-1, labels).squeeze(-1)}
     close(stats.policy_logps[valid], label_logps["policy"][rows][valid], "policy log-probs", atol=LOGP_ATOL, rtol=0)

@@ -26,8 +26,9 @@ def test_bf16_with_use_cpu_trains_on_the_cpu(tiny_model_path, tmp_path, trainer_
     config_class = DGPOConfig if trainer_class is DGPOTrainer else GRPOConfig
     args = config_class(**cpu_args(tmp_path, max_steps=2, bf16=True, use_cpu=True, learning_rate=1e-2,
                                    model_init_kwargs={"dtype": weights}))  # fmt: skip
-    trainer = trainer_class(tiny_model_path, [length_reward, exact_match_reward], args=args,
-                            train_dataset=reversal_dataset(64))
+    trainer = trainer_class(
+        tiny_model_path, [length_reward, exact_match_reward], args=args, train_dataset=reversal_dataset(64)
+    )
     trainer.train()
     assert trainer.state.global_step == 2 and trainer.accelerator.mixed_precision == "bf16"
     assert next(trainer.model.parameters()).device.type == "cpu"

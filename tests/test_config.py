@@ -14,20 +14,30 @@ from trl import GRPOConfig, TrlParser
 from dgpo_trl import DGPOConfig
 from dgpo_trl.config import validate_dgpo_arguments
 
-
 DGPO_FIELDS = [f for f in dataclasses.fields(DGPOConfig) if f.name.startswith("dgpo_")]
 
 
 def test_defaults_follow_the_paper(tmp_path):
     args = DGPOConfig(**cpu_args(tmp_path))
-    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_uniform_weights) == (0.5, 1.0, "hellinger", False)
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_uniform_weights) == (
+        0.5,
+        1.0,
+        "hellinger",
+        False,
+    )
     assert args.beta == 0.0  # the paper drops the KL term
     assert args.dgpo_target_ess is None and args.dgpo_skip_zero_advantage is True
     assert args.dgpo_entropy == "normalized"  # Eq. 12, the gate the paper's Sections 3.3 and 4.4 write
 
 
 def test_every_dgpo_field_is_documented():
-    assert {f.name for f in DGPO_FIELDS} >= {"dgpo_tau", "dgpo_kappa", "dgpo_divergence", "dgpo_uniform_weights", "dgpo_chunk_size"}
+    assert {f.name for f in DGPO_FIELDS} >= {
+        "dgpo_tau",
+        "dgpo_kappa",
+        "dgpo_divergence",
+        "dgpo_uniform_weights",
+        "dgpo_chunk_size",
+    }
     for f in DGPO_FIELDS:
         assert f.metadata.get("help"), f.name
         assert f"{f.name} (`" in DGPOConfig.__doc__, f.name
@@ -62,12 +72,21 @@ def test_invalid_values_raise_at_construction(tmp_path, field, value, message):
 
 def test_numpy_numbers_are_numbers(tmp_path):
     # e.g. values read from a numpy sweep grid or a YAML file loaded through numpy
-    args = DGPOConfig(**cpu_args(tmp_path, dgpo_tau=np.float32(0.25), dgpo_kappa=np.int64(2), dgpo_chunk_size=np.int32(64),
-                                 dgpo_target_ess=np.float64(0.9), dgpo_skip_zero_advantage=np.bool_(False)))
+    args = DGPOConfig(
+        **cpu_args(
+            tmp_path,
+            dgpo_tau=np.float32(0.25),
+            dgpo_kappa=np.int64(2),
+            dgpo_chunk_size=np.int32(64),
+            dgpo_target_ess=np.float64(0.9),
+            dgpo_skip_zero_advantage=np.bool_(False),
+        )
+    )
     assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_chunk_size, args.dgpo_target_ess) == (0.25, 2.0, 64, 0.9)
     # stored as plain Python values, so the arguments serialize as TrainingArguments does
-    assert [type(v) for v in (args.dgpo_tau, args.dgpo_kappa, args.dgpo_chunk_size, args.dgpo_skip_zero_advantage)] == [
-        float, float, int, bool]
+    assert [
+        type(v) for v in (args.dgpo_tau, args.dgpo_kappa, args.dgpo_chunk_size, args.dgpo_skip_zero_advantage)
+    ] == [float, float, int, bool]
     assert json.loads(args.to_json_string())["dgpo_tau"] == 0.25
     # a plain GRPOConfig carrying numpy values (set by a pipeline) gets the same reading
     grpo = GRPOConfig(**cpu_args(tmp_path))
@@ -94,7 +113,9 @@ def test_sequence_level_importance_sampling_that_cancels_the_weights_is_rejected
         DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="dapo"))
     # token-gradient losses and the uniform switch keep working at the sequence level
     DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="vespo"))
-    DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="luspo", dgpo_uniform_weights=True))
+    DGPOConfig(
+        **cpu_args(tmp_path, importance_sampling_level="sequence", loss_type="luspo", dgpo_uniform_weights=True)
+    )
 
 
 def test_beta_above_zero_warns_but_works(tmp_path):
@@ -129,11 +150,28 @@ def test_cli_parses_dgpo_fields(tmp_path):
     parser = TrlParser(DGPOConfig)
     (args,) = parser.parse_args_and_config(
         [
-            "--output_dir", str(tmp_path), "--bf16", "false", "--dgpo_tau", "0.7", "--dgpo_kappa", "0",
-            "--dgpo_divergence", "reverse_kl", "--dgpo_target_ess", "0.8", "--dgpo_entropy", "nats",
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "false",
+            "--dgpo_tau",
+            "0.7",
+            "--dgpo_kappa",
+            "0",
+            "--dgpo_divergence",
+            "reverse_kl",
+            "--dgpo_target_ess",
+            "0.8",
+            "--dgpo_entropy",
+            "nats",
         ]
     )
-    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_target_ess) == (0.7, 0.0, "reverse_kl", 0.8)
+    assert (args.dgpo_tau, args.dgpo_kappa, args.dgpo_divergence, args.dgpo_target_ess) == (
+        0.7,
+        0.0,
+        "reverse_kl",
+        0.8,
+    )
     assert args.dgpo_entropy == "nats"
     with pytest.raises(SystemExit):  # argparse rejects an unknown divergence before the dataclass is built
         parser.parse_args_and_config(["--output_dir", str(tmp_path), "--dgpo_divergence", "forward_kl"])
@@ -172,8 +210,9 @@ def test_the_supported_trl_release_matches_the_package_metadata(tmp_path):
     assert result.stdout.strip() == "1.16.3"  # the stand-in was the distribution checked
 
 
-def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(tiny_model_path, reversal_train_dataset,
-                                                                          tmp_path, caplog):
+def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(
+    tiny_model_path, reversal_train_dataset, tmp_path, caplog
+):
     """The refusal used to suggest cispo/vespo at sequence level, which TRL then warns against; what it suggests now
     builds a trainer without a warning from TRL."""
     import logging
@@ -187,8 +226,12 @@ def test_the_sequence_level_refusal_suggests_what_trl_does_not_warn_about(tiny_m
     assert "cispo" not in message and "vespo" not in message
     assert "importance_sampling_level='token'" in message and "loss_type='grpo'" in message
     with caplog.at_level(logging.WARNING, logger="trl"):
-        DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                    args=DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="token", loss_type="grpo")))
+        DGPOTrainer(
+            tiny_model_path,
+            exact_match_reward,
+            train_dataset=reversal_train_dataset,
+            args=DGPOConfig(**cpu_args(tmp_path, importance_sampling_level="token", loss_type="grpo")),
+        )
     assert not [r for r in caplog.records if r.name.startswith("trl") and r.levelno >= logging.WARNING]
 
 

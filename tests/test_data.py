@@ -15,7 +15,6 @@ from dgpo_trl.data import (
     strip_dapo_instruction,
 )
 
-
 DAPO_PROMPT = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"

@@ -58,13 +58,11 @@ from pathlib import Path
 import pytest
 import torch
 
-
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "dgpo_worker.py"
 CONFIGS = ROOT / "accelerate_configs"
 sys.path.insert(0, str(WORKER.parent))
 from dgpo_worker import LORA, RESUME_FROM, RUN_SETTINGS, SETTINGS  # noqa: E402
-
 
 slow = pytest.mark.slow  # every test that launches ranks
 
@@ -85,9 +83,12 @@ LOGP_ATOL = 1e-4
 # cores, and stay far below what a wrong reference, step or row makes (weight errors ~1 with these weights' std ~0.27)
 BF16_WEIGHT_ATOL = 3e-2
 BF16_LOGP_ATOL = 1e-2
+
+
 def _cases(cases: list[tuple[str, str]]) -> list:
     """`cases` as pytest params with ids "<launch>-<run>"."""
     return [pytest.param(name, run, id=f"{name}-{run}") for name, run in cases]
+
 
 # The shipped opt-in (dgpo_trl.accelerate_cpu_fsdp) that lets accelerate's FSDP plugin run on CPU ranks
 CPU_FSDP_OPT_IN = {"DGPO_PATCH_ACCELERATE_CPU_FSDP": "1"}
@@ -100,7 +101,9 @@ LAUNCHES = {
     # changes the training forward, which these cover): both under ZeRO-3, the full model under FSDP2
     # "_every_row": the same run without skipping the zero-advantage rows' training (its update must be the same)
     "zero3": (
-        "cpu_zero3.yaml", "lora,full,scoring,in_memory,lora_compact,full_compact,full_every_row,scoring_every_row", {}
+        "cpu_zero3.yaml",
+        "lora,full,scoring,in_memory,lora_compact,full_compact,full_every_row,scoring_every_row",
+        {},
     ),
     "fsdp2": (
         "cpu_fsdp2.yaml",
@@ -247,10 +250,13 @@ def _launch(name: str, model: str, out: Path) -> dict:
     if name in NODE_LAUNCHES:
         backend, runs = NODE_LAUNCHES[name]
         config, _, extra_env = LAUNCHES[backend]
-        commands = lambda port: [  # noqa: E731
-            launch[: launch.index("tests/distributed/dgpo_worker.py")]
-            for launch in _two_node_commands(f"accelerate_configs/{config}", port)
-        ]
+
+        def commands(port):
+            return [
+                launch[: launch.index("tests/distributed/dgpo_worker.py")]
+                for launch in _two_node_commands(f"accelerate_configs/{config}", port)
+            ]
+
     else:
         if name in BF16_LAUNCHES:
             fp32_launch, runs = BF16_LAUNCHES[name]
@@ -258,9 +264,10 @@ def _launch(name: str, model: str, out: Path) -> dict:
             extra_args = ["--mixed_precision", "bf16"]
         else:
             config, runs, extra_env = LAUNCHES[name] if name in LAUNCHES else ARCHITECTURE_LAUNCHES[name][1:]
-        commands = lambda port: [  # noqa: E731
-            ["--config_file", str(CONFIGS / config), *extra_args, "--main_process_port", str(port)]
-        ]
+
+        def commands(port):
+            return [["--config_file", str(CONFIGS / config), *extra_args, "--main_process_port", str(port)]]
+
     worker_args = [
         str(WORKER), "--model", model, "--out", str(out), "--runs", runs, "--steps", str(STEPS),
         "--starve-rank", str(STARVE_RANK), "--starve-step", str(STARVE_STEP),
@@ -425,8 +432,10 @@ def _check_weights(model_dir, result_pair, peft, reference_state=None, weight_at
         f"{first['distributed_type']} {first['mixed_precision']} {first['run']} "
         f"({first['machine']['LOCAL_WORLD_SIZE']} per node)"
     )
-    print(f"\n[distributed] {label}: max error vs float64 over {compared} tokens: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(
+        f"\n[distributed] {label}: max error vs float64 over {compared} tokens: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+    )
     return compared, torch.cat(all_weights).std().item()
 
 
@@ -940,8 +949,10 @@ def test_skipping_zero_advantage_rows_leaves_the_update_as_it_was(launched, back
     for ours, theirs in zip(skipped, every_row):
         difference = max((ours["final_params"][n] - v).abs().max().item() for n, v in theirs["final_params"].items())
         moved = max((v - initial[n]).abs().max().item() for n, v in theirs["final_params"].items())
-        print(f"\n[distributed] {backend} {_base(run)}: skipping vs every row, largest parameter difference "
-              f"{difference:.1e} (moved {moved:.1e})")
+        print(
+            f"\n[distributed] {backend} {_base(run)}: skipping vs every row, largest parameter difference "
+            f"{difference:.1e} (moved {moved:.1e})"
+        )
         assert moved > 1e-3 and difference < 1e-5, (difference, moved)
 
 

@@ -16,13 +16,12 @@ from dgpo_trl.evaluation import (
     MathScorer,
     evaluate,
     format_table,
-    make_generator,
     majority_vote,
+    make_generator,
     pass_at_k,
     score_problem,
     summarize,
 )
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics on hand-made samples
@@ -144,8 +143,9 @@ TOY_SAMPLES = {
 def test_evaluate_uses_the_paper_defaults_and_writes_json(tmp_path):
     generator = ScriptedGenerator(TOY_SAMPLES)
     path = tmp_path / "results.json"
-    results = evaluate(TOY, generator, ExactMatchScorer(), num_samples=4, output_path=path, problems_per_batch=2,
-                       progress=False)
+    results = evaluate(
+        TOY, generator, ExactMatchScorer(), num_samples=4, output_path=path, problems_per_batch=2, progress=False
+    )
     assert [call["temperature"] for call in generator.calls] == [1.0, 1.0]  # paper: T = 1.0
     assert [call["top_p"] for call in generator.calls] == [0.7, 0.7]  # paper: top-p 0.7
     assert [len(call["prompts"]) for call in generator.calls] == [2, 1]
@@ -163,16 +163,31 @@ def test_evaluate_uses_the_paper_defaults_and_writes_json(tmp_path):
 def test_evaluate_resumes_after_a_crash(tmp_path):
     path = tmp_path / "results.json"
     with pytest.raises(KeyboardInterrupt):
-        evaluate(TOY, ScriptedGenerator(TOY_SAMPLES, fail_after_calls=1), ExactMatchScorer(), num_samples=4,
-                 output_path=path, problems_per_batch=2, progress=False)
+        evaluate(
+            TOY,
+            ScriptedGenerator(TOY_SAMPLES, fail_after_calls=1),
+            ExactMatchScorer(),
+            num_samples=4,
+            output_path=path,
+            problems_per_batch=2,
+            progress=False,
+        )
     assert sorted(json.loads(path.read_text())["problems"]) == ["a", "b"]  # the first batch was saved
 
     resumed_generator = ScriptedGenerator(TOY_SAMPLES)
-    resumed = evaluate(TOY, resumed_generator, ExactMatchScorer(), num_samples=4, output_path=path,
-                       problems_per_batch=2, progress=False)
+    resumed = evaluate(
+        TOY,
+        resumed_generator,
+        ExactMatchScorer(),
+        num_samples=4,
+        output_path=path,
+        problems_per_batch=2,
+        progress=False,
+    )
     assert [call["prompts"] for call in resumed_generator.calls] == [["r56>"]]  # only the missing problem
-    uninterrupted = evaluate(TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=4,
-                             problems_per_batch=2, progress=False)
+    uninterrupted = evaluate(
+        TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=4, problems_per_batch=2, progress=False
+    )
     assert resumed["summary"] == pytest.approx(uninterrupted["summary"])
 
     finished_generator = ScriptedGenerator(TOY_SAMPLES)
@@ -184,11 +199,19 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     path = tmp_path / "results.json"
     evaluate(TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=4, output_path=path, progress=False)
     with pytest.raises(ValueError, match="num_samples=4"):
-        evaluate(TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=2, output_path=path,
-                 progress=False)
+        evaluate(
+            TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=2, output_path=path, progress=False
+        )
     with pytest.raises(ValueError, match="top_p"):
-        evaluate(TOY, ScriptedGenerator(TOY_SAMPLES), ExactMatchScorer(), num_samples=4, top_p=1.0, output_path=path,
-                 progress=False)
+        evaluate(
+            TOY,
+            ScriptedGenerator(TOY_SAMPLES),
+            ExactMatchScorer(),
+            num_samples=4,
+            top_p=1.0,
+            output_path=path,
+            progress=False,
+        )
 
 
 def test_evaluate_validates_its_arguments():
@@ -200,8 +223,13 @@ def test_evaluate_validates_its_arguments():
     with pytest.raises(ValueError, match="top_p"):
         evaluate(TOY, generator, scorer, num_samples=4, top_p=0.0, progress=False)
     with pytest.raises(ValueError, match="unique"):
-        evaluate(Dataset.from_list([{"prompt": "p", "answer": "a", "id": "x"}] * 2), generator, scorer,
-                 num_samples=4, progress=False)
+        evaluate(
+            Dataset.from_list([{"prompt": "p", "answer": "a", "id": "x"}] * 2),
+            generator,
+            scorer,
+            num_samples=4,
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,9 +238,17 @@ def test_evaluate_validates_its_arguments():
 
 def test_hf_backend_on_a_tiny_model_matches_a_recount(warm_model_path, tmp_path):
     dataset = load_synthetic_dataset("reversal", "test", size=12)
-    results = evaluate(dataset, HFGenerator(warm_model_path, batch_size=32), ExactMatchScorer(), num_samples=6,
-                       max_new_tokens=8, ks=[1, 6], output_path=tmp_path / "tiny.json", problems_per_batch=5,
-                       progress=False)
+    results = evaluate(
+        dataset,
+        HFGenerator(warm_model_path, batch_size=32),
+        ExactMatchScorer(),
+        num_samples=6,
+        max_new_tokens=8,
+        ks=[1, 6],
+        output_path=tmp_path / "tiny.json",
+        problems_per_batch=5,
+        progress=False,
+    )
     problems = results["problems"]
     assert len(problems) == 12
     correct_counts, majority_right = [], []
@@ -278,8 +314,9 @@ def test_vllm_backend_passes_the_protocol_settings(monkeypatch):
     module.LLM, module.SamplingParams = LLM, SamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
     generator = make_generator("org/model", "auto", dtype="bfloat16", tensor_parallel_size=2, batch_size=7, seed=3)
-    outputs = generator.generate(["plain", [{"role": "user", "content": "chat"}]], n=3, temperature=1.0, top_p=0.7,
-                                 max_new_tokens=16, seed=5)
+    outputs = generator.generate(
+        ["plain", [{"role": "user", "content": "chat"}]], n=3, temperature=1.0, top_p=0.7, max_new_tokens=16, seed=5
+    )
     assert created["llm"]["model"] == "org/model" and created["llm"]["tensor_parallel_size"] == 2
     assert "batch_size" not in created["llm"]
     assert created["sampling"] == {"n": 3, "temperature": 1.0, "top_p": 0.7, "max_tokens": 16, "seed": 5}

@@ -23,7 +23,6 @@ from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.tasks import reversal_dataset
 from dgpo_trl.tiny import build_tiny_model, build_tokenizer
 
-
 REGIMES = {
     "fp32": {},
     "bf16_weights": {"model_init_kwargs": {"dtype": "bfloat16"}},
@@ -104,7 +103,9 @@ def test_bf16_first_micro_step_ratio_is_exactly_one(sharp_model_path, tmp_path, 
         tmp_path, steps_per_generation=2, max_steps=4, per_device_train_batch_size=16, num_generations=4,
         **REGIMES[regime],
     ))  # fmt: skip
-    trainer = trainer_cls(sharp_model_path, digit_fraction_reward, args=args, train_dataset=reversal_dataset(64, seed=3))
+    trainer = trainer_cls(
+        sharp_model_path, digit_fraction_reward, args=args, train_dataset=reversal_dataset(64, seed=3)
+    )
     with head_path(path):
         ratios = _first_micro_step_log_ratios(trainer)
     assert len(ratios) == 2
@@ -248,8 +249,11 @@ def test_compact_head_path_trains_exactly_like_every_position(tiny_model_path, t
     compact path against a float64 recomputation from the two models' own forwards."""
     from peft import LoraConfig
 
-    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05,
-                             task_type="CAUSAL_LM") if peft else None
+    peft_config = (
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, task_type="CAUSAL_LM")
+        if peft
+        else None
+    )
     overrides = DGPO_PATHS[path_name]
     runs = {head: _trained_parameters(tiny_model_path, tmp_path / head, head, peft_config, **overrides)
             for head in HEAD_PATHS}  # fmt: skip
@@ -270,7 +274,7 @@ def test_compact_head_path_trains_exactly_like_every_position(tiny_model_path, t
         output = trainer._generate_and_score_completions(batch)
         if not applied:  # loss time: the training forward provides the statistics
             trainer._compute_loss(trainer.model, output)
-    (rows, stats), = applied
+    ((rows, stats),) = applied
     policy = trainer.accelerator.unwrap_model(trainer.model)
     ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
     attention = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)

@@ -55,8 +55,16 @@ def test_training_script_needs_rewards_for_an_unknown_dataset(tmp_path):
     from dgpo import main, make_parser
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(
-        ["--model_name_or_path", "unused", "--dataset_name", "my/hub-dataset", "--bf16", "False",
-         "--output_dir", str(tmp_path)]
+        [
+            "--model_name_or_path",
+            "unused",
+            "--dataset_name",
+            "my/hub-dataset",
+            "--bf16",
+            "False",
+            "--output_dir",
+            str(tmp_path),
+        ]
     )
     # Raised before any model or data is loaded
     with pytest.raises(ValueError, match="not a built-in dataset.*--reward_funcs"):
@@ -112,8 +120,11 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert f"Reward curves:  {(output_dir / 'reward_curves.png').resolve()}" in result.stdout
     # The heatmap shows each completion under its string to reverse and the expected answer
     page = (output_dir / "token_weights.html").read_text()
-    rows = re.findall(r'prompt <span class="dgpo-text" title="r(\d+)&gt;">r\1&gt;</span> · expected '
-                      r'<span class="dgpo-text">(\d+)</span>', page)
+    rows = re.findall(
+        r'prompt <span class="dgpo-text" title="r(\d+)&gt;">r\1&gt;</span> · expected '
+        r'<span class="dgpo-text">(\d+)</span>',
+        page,
+    )
     assert len(rows) == page.count('class="dgpo-completion"') > 0
     assert all(expected == digits[::-1] for digits, expected in rows)
     assert (output_dir / "token_weights.png").read_bytes()[:4] == b"\x89PNG"

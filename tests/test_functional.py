@@ -115,10 +115,12 @@ def test_reverse_kl_explodes_where_hellinger_weight_stays_bounded():
         mask = torch.ones(1, n, dtype=torch.bool)
         kls.append(stats.reverse_kl[0].item())
         ds.append(stats.hellinger[0].item())
-        w_kl = token_weights(stats.reverse_kl.unsqueeze(0), stats.entropy.unsqueeze(0), mask, tau=0.5, kappa=0.0,
-                             vocab_size=vocab)
-        w_h = token_weights(stats.hellinger.unsqueeze(0), stats.entropy.unsqueeze(0), mask, tau=0.5, kappa=0.0,
-                            vocab_size=vocab)
+        w_kl = token_weights(
+            stats.reverse_kl.unsqueeze(0), stats.entropy.unsqueeze(0), mask, tau=0.5, kappa=0.0, vocab_size=vocab
+        )
+        w_h = token_weights(
+            stats.hellinger.unsqueeze(0), stats.entropy.unsqueeze(0), mask, tau=0.5, kappa=0.0, vocab_size=vocab
+        )
         weights.append((w_kl[0, 0].item(), w_h[0, 0].item()))
     assert all(b > a * 2 for a, b in zip(kls[1:], kls[2:])) and kls[-1] > 50  # grows without bound (~linearly)
     # d saturates: at pi_ref(a*) = 0 the coefficient keeps the mass both share, sqrt(1 - pi_theta(a*))
@@ -280,8 +282,9 @@ def test_tau_for_target_ess_calls_reduce_the_same_number_of_times_whatever_the_d
     counts = []
     for scores in [torch.zeros(3, 5), torch.rand(3, 5), torch.zeros(0, 5)]:
         calls = []
-        tau_for_target_ess(scores, torch.ones_like(scores, dtype=torch.bool), 0.9, fallback=0.5,
-                           reduce=lambda x: calls.append(1) or x)
+        tau_for_target_ess(
+            scores, torch.ones_like(scores, dtype=torch.bool), 0.9, fallback=0.5, reduce=lambda x: calls.append(1) or x
+        )
         counts.append(len(calls))
     assert len(set(counts)) == 1
 

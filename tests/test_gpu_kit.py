@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -29,8 +28,14 @@ BENCH = ROOT / "benchmarks"
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else None
     return proc, report, out
 
@@ -159,16 +164,28 @@ def test_step_benchmark_pairs_ratios_within_rounds():
     bench = _bench_steps()
 
     def run(variant, round_, cycle_s, ref_s=None):
-        cycle = dict(total_s=cycle_s, generate_s=0.1, score_s=0.1, train_s=cycle_s - 0.2, ref_forward_s=ref_s,
-                     warmup=False)
-        return dict(config="aligned:0:completion", variant=variant, round=round_, peak_mib=100.0,
-                    cycles=[dict(cycle, warmup=True, total_s=99.0), cycle], load_average_start=[0.0],
-                    wall_s=1.0, frac_reward_zero_std=0.0, scored_fraction=None, completion_length=None)
+        cycle = dict(
+            total_s=cycle_s, generate_s=0.1, score_s=0.1, train_s=cycle_s - 0.2, ref_forward_s=ref_s, warmup=False
+        )
+        return dict(
+            config="aligned:0:completion",
+            variant=variant,
+            round=round_,
+            peak_mib=100.0,
+            cycles=[dict(cycle, warmup=True, total_s=99.0), cycle],
+            load_average_start=[0.0],
+            wall_s=1.0,
+            frac_reward_zero_std=0.0,
+            scored_fraction=None,
+            completion_length=None,
+        )
 
     # Round 2 runs 2x slower for everyone (machine drift): the per-round ratio stays 0.9
-    runs = [run("dgpo", r, 0.9 * s, 0.05 * s) for r, s in ((1, 1.0), (2, 2.0))] + [
-        run("grpo_beta0.04", r, s, 0.1 * s) for r, s in ((1, 1.0), (2, 2.0))] + [
-        run("grpo_beta0", r, 0.8 * s) for r, s in ((1, 1.0), (2, 2.0))]
+    runs = (
+        [run("dgpo", r, 0.9 * s, 0.05 * s) for r, s in ((1, 1.0), (2, 2.0))]
+        + [run("grpo_beta0.04", r, s, 0.1 * s) for r, s in ((1, 1.0), (2, 2.0))]
+        + [run("grpo_beta0", r, 0.8 * s) for r, s in ((1, 1.0), (2, 2.0))]
+    )
     summary = bench.summarize(runs)
     ratio = {r["ratio"]: r for r in summary["ratios"]}
     assert ratio["dgpo / grpo_beta0.04"]["cycle"]["mean"] == pytest.approx(0.9)
@@ -185,19 +202,39 @@ def test_step_benchmark_does_not_resume_another_machines_runs(tmp_path):
     resumed on a different machine would pair its rounds with rounds of other speeds."""
     bench = _bench_steps()
     args = argparse.Namespace(
-        shape="micro", device="cpu", dtype="float32", threads=1, batch=8, generations=8, max_completion_length=16,
-        warmup_cycles={"aligned": 2}, timed_cycles={"aligned": 5}, allocator="reuse", out=tmp_path, stem="steps")
+        shape="micro",
+        device="cpu",
+        dtype="float32",
+        threads=1,
+        batch=8,
+        generations=8,
+        max_completion_length=16,
+        warmup_cycles={"aligned": 2},
+        timed_cycles={"aligned": 5},
+        allocator="reuse",
+        out=tmp_path,
+        stem="steps",
+    )
     settings = bench.settings_of(args)
     here = bench.machine_label("cpu")
     run = dict(settings, config="aligned:0:completion", variant="dgpo", round=1, settings=settings)
     (tmp_path / "steps.runs.jsonl").write_text(json.dumps(dict(run, machine="Another CPU")) + "\n")
-    with pytest.raises(SystemExit, match=re.escape(f"measured on 'Another CPU', this is {here!r}; use another --stem")):
+    with pytest.raises(
+        SystemExit, match=re.escape(f"measured on 'Another CPU', this is {here!r}; use another --stem")
+    ):
         bench.run_benchmark(args)
 
 
-@pytest.mark.parametrize(("mean", "ci95", "met", "resolved"), [
-    (0.97, 0.02, True, True), (0.99, 0.02, True, False), (1.01, 0.02, False, False), (1.05, 0.02, False, True),
-    (0.97, math.nan, True, False)])
+@pytest.mark.parametrize(
+    ("mean", "ci95", "met", "resolved"),
+    [
+        (0.97, 0.02, True, True),
+        (0.99, 0.02, True, False),
+        (1.01, 0.02, False, False),
+        (1.05, 0.02, False, True),
+        (0.97, math.nan, True, False),
+    ],
+)
 def test_a_target_is_resolved_only_when_its_interval_is_on_one_side(mean, ci95, met, resolved):
     """A mean of 1.002 +- 0.04 is not "missed" against a limit of 1.00, nor 0.99 +- 0.02 "met": both are unresolved."""
     assert _bench_steps().judge(mean, ci95, 1.00) == dict(met=met, resolved=resolved)

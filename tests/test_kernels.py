@@ -28,7 +28,6 @@ from dgpo_trl import functional
 from dgpo_trl.functional import TokenStatistics, _use_fused_kernel, token_statistics, token_statistics_reference
 from dgpo_trl.kernels import divergence
 
-
 try:
     import triton  # noqa: F401
 
@@ -235,8 +234,9 @@ def _guard_case_launch_raises(monkeypatch):
         assert len(messages) == 1 and "OutOfResources" in messages[0] and "shared memory" in messages[0], messages
         assert failing.launches == 1 and functional.last_divergence_path() == "tiles"
         _assert_same(got, token_statistics(**args, **GUARD_TILING, use_triton=False))
-        check = functional._KERNEL_CHECKS[functional._kernel_key(dict(args, temperature=1.0, logit_scale=1.0,
-                                                                      final_logit_softcapping=None))]
+        check = functional._KERNEL_CHECKS[
+            functional._kernel_key(dict(args, temperature=1.0, logit_scale=1.0, final_logit_softcapping=None))
+        ]
         assert not check.passed and check.error.startswith("OutOfResources"), check
         # Later calls with the same key (any number of tokens) run the tiles without launching or warning again
         fewer = {k: v[:23] if k in ("policy_hidden", "ref_hidden", "labels") else v for k, v in args.items()}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "benchmarks" / "learning"
 
@@ -40,7 +39,10 @@ def test_study_tasks_are_the_toolkit_tasks_and_their_vocabulary_variants():
         task, toolkit = study.TASKS[name], SYNTHETIC_TASKS[name]
         assert task.vocab_size is None and task.base is None
         assert (task.reward, task.description, task.max_completion_length) == (
-            toolkit.reward, toolkit.description, toolkit.max_completion_length)
+            toolkit.reward,
+            toolkit.description,
+            toolkit.max_completion_length,
+        )
         assert task.splits(1, 50, 20, 10) == toolkit.splits(1, 50, 20, 10)
     for name, task in study.TASKS.items():
         if task.vocab_size:
@@ -51,8 +53,12 @@ def test_study_tasks_are_the_toolkit_tasks_and_their_vocabulary_variants():
     logged = {}
     # "321" decoded from [7, 6, 5], and from [7, 5000, 6, 5] (the padded id 5000 vanishes when decoded): only the first
     # is right
-    assert reward(["321", "321"], ["321", "321"], completion_ids=[[7, 6, 5], [7, 5000, 6, 5]],
-                  log_metric=lambda k, v: logged.update({k: v})) == [1.0, 0.0]
+    assert reward(
+        ["321", "321"],
+        ["321", "321"],
+        completion_ids=[[7, 6, 5], [7, 5000, 6, 5]],
+        log_metric=lambda k, v: logged.update({k: v}),
+    ) == [1.0, 0.0]
     assert logged == {"padded_fraction": 0.5}
 
 
@@ -79,11 +85,23 @@ def test_quick_study_runs_end_to_end(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(STUDY / "study.py"), "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for name in ("summary.json", "summary.md", "tau_sweep.png", "final_accuracy.png", "reversal_training.png",
-                 "filler_training.png", "vocab_scale.png", "whatif_tau.png"):
+    for name in (
+        "summary.json",
+        "summary.md",
+        "tau_sweep.png",
+        "final_accuracy.png",
+        "reversal_training.png",
+        "filler_training.png",
+        "vocab_scale.png",
+        "whatif_tau.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["tasks"]) == {"reversal", "filler", "reversal_v32000"}

@@ -3,7 +3,6 @@
 import hashlib
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # md5 of https://www.apache.org/licenses/LICENSE-2.0.txt, the standard text (appendix included)
 APACHE_2_0_MD5 = "3b83ef96387f14655fc854ddc3c6bd57"

@@ -9,9 +9,10 @@ from trl import GRPOConfig
 from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.tasks import exact_match_reward
 
-
 DGPO_TITLE = "DGPO: Distribution-Guided Policy Optimization for Fine-Grained Credit Assignment"
-DGPO_AUTHORS = "Hongbo Jin and Rongpeng Zhu and Zhongjing Du and Xu Jiang and Jingqi Tian and Qiaoman Zhang and Jiayu Ding"
+DGPO_AUTHORS = (
+    "Hongbo Jin and Rongpeng Zhu and Zhongjing Du and Xu Jiang and Jingqi Tian and Qiaoman Zhang and Jiayu Ding"
+)
 
 
 def bibtex_entries(card: str) -> list[str]:
@@ -36,8 +37,12 @@ def assert_credits_dgpo(card: str) -> None:
 
 @pytest.mark.parametrize("config_cls", [DGPOConfig, GRPOConfig])
 def test_model_card_credits_and_cites_the_dgpo_paper(tiny_model_path, reversal_train_dataset, tmp_path, config_cls):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, args=config_cls(**cpu_args(tmp_path)),
-                          train_dataset=reversal_train_dataset)
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        args=config_cls(**cpu_args(tmp_path)),
+        train_dataset=reversal_train_dataset,
+    )
     trainer.create_model_card(model_name="tiny-dgpo")
     card = (tmp_path / "README.md").read_text()
     assert card.startswith("---\n") and "# Model Card for tiny-dgpo" in card
@@ -46,9 +51,14 @@ def test_model_card_credits_and_cites_the_dgpo_paper(tiny_model_path, reversal_t
 
 
 def test_the_card_written_with_a_checkpoint_credits_dgpo(tiny_model_path, reversal_train_dataset, tmp_path):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1,
-                                                     dgpo_uniform_weights=True)))
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(
+            **cpu_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, dgpo_uniform_weights=True)
+        ),
+    )
     trainer.train()
     assert (tmp_path / "checkpoint-1").is_dir()
     assert_credits_dgpo((tmp_path / "README.md").read_text())

@@ -3,7 +3,6 @@
 import pytest
 from toolkit_fixtures import EXAMPLES
 
-
 NOTEBOOK = EXAMPLES / "notebooks" / "lora_dgpo.ipynb"
 
 
@@ -47,7 +46,10 @@ def test_notebook_executes_end_to_end(tmp_path, monkeypatch):
         for o in cell_outputs
     )
     html = "\n".join(
-        o.get("data", {}).get("text/html", "") for cell_outputs in outputs.values() for o in cell_outputs if "data" in o
+        o.get("data", {}).get("text/html", "")
+        for cell_outputs in outputs.values()
+        for o in cell_outputs
+        if "data" in o
     )
     assert "trainable params" in text  # the LoRA adapter is what trains
     assert "mean reward, first 10 steps" in text

@@ -7,10 +7,8 @@ import pytest
 import yaml
 from toolkit_fixtures import EXAMPLES
 
-
 sys.path.insert(0, str(EXAMPLES))
 from dgpo import build_reward_funcs, check_process_count, make_parser  # noqa: E402
-
 
 RECIPES = sorted((EXAMPLES / "recipes").glob("*.yaml"))
 PAPER_PROMPTS_PER_ROLLOUT = 512

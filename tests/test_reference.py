@@ -18,7 +18,6 @@ from dgpo_trl.forwards import backbone_forward, causal_lm
 from dgpo_trl.reference import REFERENCE_ADAPTER
 from dgpo_trl.tasks import exact_match_reward
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -134,8 +133,9 @@ def test_rows_without_a_valid_token_are_neither_forwarded_nor_counted(
 
 
 @pytest.mark.parametrize("cast_lm_head_to_fp32", [False, True])
-def test_bf16_policy_and_reference_are_scored_alike(tiny_model_path, reversal_train_dataset, tmp_path,
-                                                    cast_lm_head_to_fp32):
+def test_bf16_policy_and_reference_are_scored_alike(
+    tiny_model_path, reversal_train_dataset, tmp_path, cast_lm_head_to_fp32
+):
     """A bf16 model: at step 1 pi_theta == pi_ref, so every token's divergence is exactly 0, whether TRL runs the LM
     head in fp32 (`cast_lm_head_to_fp32`, which TRL applies to the policy's head) or in bf16."""
     from transformers import AutoModelForCausalLM
@@ -259,5 +259,8 @@ def test_the_users_peft_model_is_left_without_the_reference_adapter(warm_model_p
     assert metrics["eval_dgpo/divergence/max"] > 0.0  # the trained adapter against the initial one
     assert sorted(model.peft_config) == ["default"]
     # The reference it put back (and released again) is the adapter as passed
-    kept = {name.replace(f".{REFERENCE_ADAPTER}.", "."): value for name, value in trainer.reference._released_adapter.items()}
+    kept = {
+        name.replace(f".{REFERENCE_ADAPTER}.", "."): value
+        for name, value in trainer.reference._released_adapter.items()
+    }
     assert kept.keys() == passed.keys() and all(torch.equal(kept[name], passed[name]) for name in passed)

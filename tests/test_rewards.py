@@ -75,7 +75,13 @@ def test_overlong_answers_are_not_parsed():
 
 @pytest.mark.parametrize(
     "completion",
-    ["\\boxed{" * 30_000, "Answer:" + " " * 200_000 + "x ", "\n" + " " * 200_000, "{" * 100_000 + "no box", "x" * 1_000_000],
+    [
+        "\\boxed{" * 30_000,
+        "Answer:" + " " * 200_000 + "x ",
+        "\n" + " " * 200_000,
+        "{" * 100_000 + "no box",
+        "x" * 1_000_000,
+    ],
     ids=["unclosed boxes", "long answer line", "whitespace line", "open braces", "one long word"],
 )
 def test_pathological_completions_are_handled_in_linear_time(completion):

@@ -20,7 +20,6 @@ from conftest import cpu_args
 from dgpo_trl import DGPOConfig, DGPOTrainer
 from dgpo_trl.tasks import reversal_dataset
 
-
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 PATHS = {"aligned": {}, "offpolicy": {"steps_per_generation": 4}}  # > gradient_accumulation_steps = 2
 # float32: a few units of float32 rounding of the parameters (largest measured 5.4e-7, parameters up to ~1.5).
@@ -85,7 +84,9 @@ def test_skipping_zero_advantage_rows_leaves_the_update_as_it_was(warm_model_pat
     assert history(full, "dgpo/trained_fraction") == [1.0] * len(fractions)
     difference = largest_difference(skipped_params, full_params)
     moved = largest_difference(full_params, run_initial(warm_model_path, dtype))
-    print(f"\n[skipping] {loss_type} {path} {dtype}: largest parameter difference {difference:.1e} (moved {moved:.1e})")
+    print(
+        f"\n[skipping] {loss_type} {path} {dtype}: largest parameter difference {difference:.1e} (moved {moved:.1e})"
+    )
     assert moved > 1e-3 and difference <= TOLERANCE[dtype], (difference, moved)
     # The loss and TRL's clip-ratio metrics are the full batch's, to rounding; the trained fraction says what trained
     for key in ("loss", "clip_ratio/region_mean", "clip_ratio/low_min", "cispo_clip_ratio"):

@@ -9,7 +9,6 @@ import pytest
 
 from dgpo_trl.tasks import TASKS, answer_positions, final_answer_reward, reversal_dataset
 
-
 PACKAGE = Path(__file__).resolve().parents[1] / "dgpo_trl"
 
 
@@ -72,15 +71,21 @@ def test_filler_rewards_only_the_answer_after_the_last_equals_sign():
     target = task.sft_target(answer, random.Random(1))
     assert target.endswith("=" + answer) and len(target) <= task.max_completion_length
     assert final_answer_reward([target, "abc=" + answer, "x=1=" + answer, answer, target + "0"], [answer] * 5) == [
-        1.0, 1.0, 1.0, 0.0, 0.0,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
     ]
     tokens = list("abca=321") + ["<eos>"]
     assert answer_positions(tokens) == [False] * 4 + [True] * 5
     assert answer_positions(list("abc")) == [False] * 3
 
 
-@pytest.mark.parametrize(("name", "sizes"), [("reversal", (300, 200, 100, 128)), ("filler", (300, 200, 100, 128)),
-                                             ("addition", (30, 20, 20, 20))])  # addition has 100 prompts in all
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [("reversal", (300, 200, 100, 128)), ("filler", (300, 200, 100, 128)), ("addition", (30, 20, 20, 20))],
+)  # addition has 100 prompts in all
 def test_splits_are_disjoint_and_deterministic(name, sizes):
     task = TASKS[name]
     n_sft, n_train, n_eval, n_val = sizes

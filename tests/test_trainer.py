@@ -64,7 +64,9 @@ def test_trl_quickstart_runs_with_only_the_class_names_changed(tiny_model_path, 
 
 def test_parameters_change_and_metrics_are_logged(warm_model_path, reversal_train_dataset, tmp_path):
     trainer = DGPOTrainer(
-        warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)),
+        warm_model_path,
+        exact_match_reward,
+        args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)),
         train_dataset=reversal_train_dataset,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -76,9 +78,17 @@ def test_parameters_change_and_metrics_are_logged(warm_model_path, reversal_trai
     assert all(torch.equal(p, before[n]) for n, p in ref.named_parameters())  # the reference stays frozen
     logged = trainer.state.log_history[0]
     for key in [
-        "dgpo/divergence/mean", "dgpo/divergence/max", "dgpo/entropy_normalized/mean", "dgpo/score/mean",
-        "dgpo/weight/max", "dgpo/weight/std", "dgpo/ess", "dgpo/reverse_kl/mean", "dgpo/nonfinite_sequences",
-        "dgpo/tau", "dgpo/scored_fraction",
+        "dgpo/divergence/mean",
+        "dgpo/divergence/max",
+        "dgpo/entropy_normalized/mean",
+        "dgpo/score/mean",
+        "dgpo/weight/max",
+        "dgpo/weight/std",
+        "dgpo/ess",
+        "dgpo/reverse_kl/mean",
+        "dgpo/nonfinite_sequences",
+        "dgpo/tau",
+        "dgpo/scored_fraction",
     ]:
         assert key in logged, key
     # step 1: pi_theta == pi_ref, so d = 0 and the weights are uniform
@@ -94,8 +104,16 @@ def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(
     kw = dict(max_steps=2, gradient_checkpointing=gradient_checkpointing)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
     # Every row trains, as GRPO's (skipped rows give the same update to float32 rounding: test_row_skipping.py)
-    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d", dgpo_tau=0.02,
-                 dgpo_skip_zero_advantage=False, **kw)
+    dgpo = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path / "d",
+        dgpo_tau=0.02,
+        dgpo_skip_zero_advantage=False,
+        **kw,
+    )
     # Step 1: pi_theta == pi_ref -> w == 1 exactly -> the same loss and gradient as GRPO with beta = 0
     for key in ("loss", "grad_norm", "reward"):
         assert history(dgpo, key)[0] == history(grpo, key)[0], key
@@ -109,8 +127,16 @@ def test_step_one_equals_grpo_then_reweighting_changes_the_gradient(
 def test_uniform_score_reproduces_grpo_without_kl(warm_model_path, reversal_train_dataset, tmp_path):
     kw = dict(max_steps=3)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
-    dgpo = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "d",
-                 dgpo_uniform_weights=True, dgpo_skip_zero_advantage=False, **kw)
+    dgpo = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path / "d",
+        dgpo_uniform_weights=True,
+        dgpo_skip_zero_advantage=False,
+        **kw,
+    )
     assert dgpo.ref_model is None  # no reference is loaded for the sanity switch
     for key in ("loss", "grad_norm", "reward"):
         assert history(dgpo, key) == history(grpo, key), key
@@ -121,8 +147,18 @@ def test_peft_reference_is_the_adapter_disabled_model(warm_model_path, reversal_
     from transformers import LlamaForCausalLM
 
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj", "up_proj"])
-    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, peft_config=lora,
-                    max_steps=3, learning_rate=3e-3, dgpo_skip_zero_advantage=False, gradient_checkpointing=True)
+    trainer = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path,
+        peft_config=lora,
+        max_steps=3,
+        learning_rate=3e-3,
+        dgpo_skip_zero_advantage=False,
+        gradient_checkpointing=True,
+    )
     assert trainer.ref_model is None
     gc.collect()
     assert sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()) == 1  # no second model in memory
@@ -131,11 +167,15 @@ def test_peft_reference_is_the_adapter_disabled_model(warm_model_path, reversal_
     assert divergence[-1] > 0.0  # trained adapter vs disabled adapter
 
 
-def test_pretrained_adapter_gets_a_frozen_ref_copy_when_beta_is_zero(warm_model_path, reversal_train_dataset, tmp_path):
+def test_pretrained_adapter_gets_a_frozen_ref_copy_when_beta_is_zero(
+    warm_model_path, reversal_train_dataset, tmp_path
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(warm_model_path), LoraConfig(r=4, init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(warm_model_path), LoraConfig(r=4, init_lora_weights=False)
+    )
     args = DGPOConfig(**cpu_args(tmp_path, max_steps=1, dgpo_skip_zero_advantage=False))
     trainer = DGPOTrainer(model, exact_match_reward, args=args, train_dataset=reversal_train_dataset)
     assert "ref" in trainer.model.peft_config  # the initial policy, not the base model, is the reference
@@ -151,7 +191,8 @@ def test_weights_are_computed_once_and_stay_fixed_across_iterations(warm_model_p
     }.items():
         kw.setdefault("max_steps", 2)
         trainer = DGPOTrainer(
-            warm_model_path, exact_match_reward,
+            warm_model_path,
+            exact_match_reward,
             args=DGPOConfig(**cpu_args(tmp_path / name, per_device_train_batch_size=16, dgpo_tau=0.05, **kw)),
             train_dataset=reversal_train_dataset,
         )
@@ -180,13 +221,17 @@ def test_weights_are_computed_once_and_stay_fixed_across_iterations(warm_model_p
 
 
 @pytest.mark.parametrize("entropy_gate", ["normalized", "nats"])
-def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model_path, reversal_train_dataset, tmp_path,
-                                                                      monkeypatch, entropy_gate):
+def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(
+    warm_model_path, reversal_train_dataset, tmp_path, monkeypatch, entropy_gate
+):
     import trl.trainer.utils
 
     trainer = DGPOTrainer(
-        warm_model_path, exact_match_reward,
-        args=DGPOConfig(**cpu_args(tmp_path, steps_per_generation=2, beta=0.04, max_steps=1, dgpo_entropy=entropy_gate)),
+        warm_model_path,
+        exact_match_reward,
+        args=DGPOConfig(
+            **cpu_args(tmp_path, steps_per_generation=2, beta=0.04, max_steps=1, dgpo_entropy=entropy_gate)
+        ),
         train_dataset=reversal_train_dataset,
     )
     trainer.train()  # one step moves the policy away from the reference
@@ -204,8 +249,12 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
     width = output["completion_ids"].size(1)
     mask = output["completion_mask"].bool()
     with torch.no_grad():
-        policy_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, attention, width)
-        ref_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.ref_model, ids, attention, width)
+        policy_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, ids, attention, width
+        )
+        ref_logps, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.ref_model, ids, attention, width
+        )
     assert torch.equal(output["old_per_token_logps"][mask], policy_logps[mask])
     assert torch.equal(output["ref_per_token_logps"][mask], ref_logps[mask])
     assert (policy_logps - ref_logps)[mask].abs().max() > 1e-3
@@ -217,11 +266,21 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
         hp = policy.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -width - 1 : -1]
         hq = ref.model(input_ids=ids, attention_mask=attention).last_hidden_state[:, -width - 1 : -1]
     naive = token_statistics_reference(
-        hp.reshape(-1, hp.size(-1)), policy.lm_head.weight, hq.reshape(-1, hq.size(-1)), ref.lm_head.weight,
+        hp.reshape(-1, hp.size(-1)),
+        policy.lm_head.weight,
+        hq.reshape(-1, hq.size(-1)),
+        ref.lm_head.weight,
         temperature=trainer.temperature,
     )
-    w = token_weights(naive.hellinger.view(mask.shape), naive.entropy.view(mask.shape), mask, tau=0.5, kappa=1.0,
-                      vocab_size=policy.config.vocab_size, entropy_gate=entropy_gate)
+    w = token_weights(
+        naive.hellinger.view(mask.shape),
+        naive.entropy.view(mask.shape),
+        mask,
+        tau=0.5,
+        kappa=1.0,
+        vocab_size=policy.config.vocab_size,
+        entropy_gate=entropy_gate,
+    )
     informative = output["advantages"].abs().sum(-1) > 0
     sequence_advantage = output["advantages"].sum(-1) / mask.sum(-1)  # mean weight 1 recovers A_i
     expected = sequence_advantage.unsqueeze(1) * w
@@ -230,22 +289,45 @@ def test_scoring_time_pass_returns_trls_old_logps_and_reference_logps(warm_model
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
 def test_every_trl_loss_type_trains(warm_model_path, reversal_train_dataset, tmp_path, loss_type):
-    trainer = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path, loss_type=loss_type,
-                    max_steps=2, dgpo_tau=0.05)
+    trainer = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path,
+        loss_type=loss_type,
+        max_steps=2,
+        dgpo_tau=0.05,
+    )
     losses = history(trainer, "loss")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert history(trainer, "dgpo/weight/std")[1] > 0
 
 
 def test_reverse_kl_ablation_and_adaptive_tau(warm_model_path, reversal_train_dataset, tmp_path):
-    rkl = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "rkl",
-                dgpo_divergence="reverse_kl", max_steps=2)
+    rkl = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path / "rkl",
+        dgpo_divergence="reverse_kl",
+        max_steps=2,
+    )
     # the score is the exact reverse KL, which the Hellinger run logs only for monitoring
     assert history(rkl, "dgpo/divergence/mean")[1] == history(rkl, "dgpo/reverse_kl/mean")[1] > 0
     taus_by_gate = {}
     for gate in ("normalized", "nats"):
-        adaptive = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / gate,
-                         dgpo_target_ess=0.7, max_steps=3, dgpo_entropy=gate)
+        adaptive = train(
+            DGPOTrainer,
+            DGPOConfig,
+            warm_model_path,
+            reversal_train_dataset,
+            tmp_path / gate,
+            dgpo_target_ess=0.7,
+            max_steps=3,
+            dgpo_entropy=gate,
+        )
         taus = taus_by_gate[gate] = history(adaptive, "dgpo/tau")
         assert taus[0] == 0.5  # step 1: flat scores (d = 0), no tau reaches the target: the fixed tau is used
         assert all(math.isfinite(t) and t > 0 for t in taus) and taus[-1] != 0.5
@@ -265,8 +347,12 @@ def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, re
     if path == "scoring_time":  # old log-probs at generation time; the second generation batch is at step 3
         kw.update(steps_per_generation=2, max_steps=3)
     grpo = train(GRPOTrainer, GRPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "g", **kw)
-    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path / "d", dgpo_tau=0.01, dgpo_kappa=0.0, **kw)))
+    trainer = DGPOTrainer(
+        warm_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path / "d", dgpo_tau=0.01, dgpo_kappa=0.0, **kw)),
+    )
     records, current = [], {}
     compute_loss, high_entropy_mask = trainer._compute_loss, trainer.get_high_entropy_mask
 
@@ -280,8 +366,15 @@ def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, re
         sequence_advantages = dgpo_advantages.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)
         kept = high_entropy_mask(entropies, mask, threshold)
         # DGPO's weights, and those TRL's loss reads right after the mask
-        records.append((trainer.state.global_step, kept, mask.bool(), dgpo_advantages / sequence_advantages,
-                        inputs["advantages"] / sequence_advantages))
+        records.append(
+            (
+                trainer.state.global_step,
+                kept,
+                mask.bool(),
+                dgpo_advantages / sequence_advantages,
+                inputs["advantages"] / sequence_advantages,
+            )
+        )
         return kept
 
     trainer._compute_loss, trainer.get_high_entropy_mask = spy_loss, spy_mask
@@ -307,10 +400,13 @@ def test_the_entropy_mask_gets_each_completions_whole_weight(warm_model_path, re
 
 def test_eval_dataset_is_scored_with_dgpo(warm_model_path, reversal_train_dataset, tmp_path):
     trainer = DGPOTrainer(
-        warm_model_path, exact_match_reward,
-        args=DGPOConfig(**cpu_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2,
-                                   per_device_eval_batch_size=16)),
-        train_dataset=reversal_train_dataset, eval_dataset=reversal_train_dataset.select(range(8)),
+        warm_model_path,
+        exact_match_reward,
+        args=DGPOConfig(
+            **cpu_args(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16)
+        ),
+        train_dataset=reversal_train_dataset,
+        eval_dataset=reversal_train_dataset.select(range(8)),
     )
     trainer.train()
     evaluated = [row for row in trainer.state.log_history if "eval_loss" in row]
@@ -321,7 +417,9 @@ def test_checkpoint_resume_gives_the_same_next_step(warm_model_path, reversal_tr
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, dgpo_tau=0.05)
     full = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "full", **kw)
     resumed = DGPOTrainer(
-        warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path / "resumed", **kw)),
+        warm_model_path,
+        exact_match_reward,
+        args=DGPOConfig(**cpu_args(tmp_path / "resumed", **kw)),
         train_dataset=reversal_train_dataset,
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
@@ -353,8 +451,12 @@ def test_nonfinite_statistics_never_reach_the_loss(warm_model_path, reversal_tra
 
 
 def test_tool_tokens_get_no_weight_and_do_not_count(warm_model_path, reversal_train_dataset, tmp_path):
-    trainer = DGPOTrainer(warm_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.1)),
-                          train_dataset=reversal_train_dataset)
+    trainer = DGPOTrainer(
+        warm_model_path,
+        exact_match_reward,
+        args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.1)),
+        train_dataset=reversal_train_dataset,
+    )
     g = torch.Generator().manual_seed(0)
     shape = (3, 6)
     stats = TokenStatistics(*(torch.rand(shape, generator=g) * 3 for _ in TokenStatistics._fields))
@@ -392,14 +494,17 @@ def _in_memory_model(path, kind):
 
 @pytest.mark.filterwarnings("ignore:beta=0.04 adds TRL's KL penalty")
 @pytest.mark.parametrize(("kind", "beta"), [("noised", 0.0), ("fresh", 0.0), ("noised", 0.04)])
-def test_the_reference_of_a_model_passed_as_an_object_is_a_copy_of_it(warm_model_path, reversal_train_dataset,
-                                                                       tmp_path, kind, beta):
+def test_the_reference_of_a_model_passed_as_an_object_is_a_copy_of_it(
+    warm_model_path, reversal_train_dataset, tmp_path, kind, beta
+):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     model = _in_memory_model(warm_model_path, kind)
     passed = {name: param.detach().clone() for name, param in model.named_parameters()}
     trainer = DGPOTrainer(
-        model, exact_match_reward, train_dataset=reversal_train_dataset,
+        model,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
         args=DGPOConfig(**cpu_args(tmp_path, max_steps=1, beta=beta, dgpo_skip_zero_advantage=False)),
         processing_class=PreTrainedTokenizerFast.from_pretrained(warm_model_path),
     )
@@ -426,8 +531,13 @@ def test_a_model_that_cannot_be_copied_gets_a_clear_error(tiny_model_path, rever
     quantized.is_loaded_in_4bit = True  # what bitsandbytes sets on a 4-bit model
     for model, message in [(meta, "meta device"), (quantized, "quantized model cannot be copied.*peft_config")]:
         with pytest.raises(ValueError, match=message):
-            DGPOTrainer(model, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
-                        train_dataset=reversal_train_dataset, processing_class=tokenizer)
+            DGPOTrainer(
+                model,
+                exact_match_reward,
+                args=DGPOConfig(**cpu_args(tmp_path)),
+                train_dataset=reversal_train_dataset,
+                processing_class=tokenizer,
+            )
 
 
 def test_a_dataset_without_a_prompt_column_fails_at_construction(tiny_model_path, tmp_path):
@@ -435,12 +545,18 @@ def test_a_dataset_without_a_prompt_column_fails_at_construction(tiny_model_path
 
     questions = Dataset.from_dict({"question": ["r12>"] * 4, "answer": ["21"] * 4})
     with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column.*\['question', 'answer'\]"):
-        DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
-                    train_dataset=questions)
+        DGPOTrainer(
+            tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)), train_dataset=questions
+        )
     prompts = questions.rename_column("question", "prompt")
     with pytest.raises(ValueError, match=r"eval_dataset\['held_out'\] has no 'prompt' column"):
-        DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
-                    train_dataset=prompts, eval_dataset={"held_out": questions})
+        DGPOTrainer(
+            tiny_model_path,
+            exact_match_reward,
+            args=DGPOConfig(**cpu_args(tmp_path)),
+            train_dataset=prompts,
+            eval_dataset={"held_out": questions},
+        )
 
 
 def test_an_empty_dataset_is_called_empty(tiny_model_path, reversal_train_dataset, tmp_path):
@@ -449,10 +565,17 @@ def test_an_empty_dataset_is_called_empty(tiny_model_path, reversal_train_datase
     # GRPOTrainer would train zero steps (or evaluate nothing) without a word; a filter that removed every row
     for empty in (Dataset.from_list([]), Dataset.from_dict({"prompt": [], "answer": []})):
         with pytest.raises(ValueError, match=r"^train_dataset is empty \(0 rows\): there is nothing to train on"):
-            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)), train_dataset=empty)
+            DGPOTrainer(
+                tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)), train_dataset=empty
+            )
         with pytest.raises(ValueError, match=r"^eval_dataset\['held_out'\] is empty \(0 rows\)"):
-            DGPOTrainer(tiny_model_path, exact_match_reward, args=DGPOConfig(**cpu_args(tmp_path)),
-                        train_dataset=reversal_train_dataset, eval_dataset={"held_out": empty})
+            DGPOTrainer(
+                tiny_model_path,
+                exact_match_reward,
+                args=DGPOConfig(**cpu_args(tmp_path)),
+                train_dataset=reversal_train_dataset,
+                eval_dataset={"held_out": empty},
+            )
 
 
 class _ScoredEnvironment:  # owns its reward
@@ -537,13 +660,21 @@ def _weights_with_spread(spread, rows=6, length=24, seed=0):
 
 @pytest.mark.parametrize("spread", [1e-6, 1e-5, 5.7e-5, 1.7e-4, 1e-3, 1e-2, 1e-1])
 def test_logged_weight_spread_matches_float64(tiny_model_path, reversal_train_dataset, tmp_path, spread):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)),
+    )
     stats = _weights_with_spread(spread)
     mask = torch.ones(stats.hellinger.shape, dtype=torch.long)
     mask[2, 15:] = 0
-    inputs = {**prompts(len(mask)), "completion_ids": torch.zeros_like(mask), "completion_mask": mask,
-              "advantages": torch.linspace(-1, 1, len(mask))}
+    inputs = {
+        **prompts(len(mask)),
+        "completion_ids": torch.zeros_like(mask),
+        "completion_mask": mask,
+        "advantages": torch.linspace(-1, 1, len(mask)),
+    }
     trainer.model.train()
     trainer._apply_token_weights(inputs, stats, torch.arange(len(mask)))
     logged = {key: values[-1] for key, values in trainer._metrics["train"].items()}
@@ -563,28 +694,44 @@ def test_logged_weight_spread_matches_float64(tiny_model_path, reversal_train_da
 
 
 def test_last_token_weights_keep_the_latest_batch_that_scored_any(tiny_model_path, reversal_train_dataset, tmp_path):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.01)))
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, dgpo_tau=0.01)),
+    )
     stats = _weights_with_spread(0.05, rows=3)
     mask = torch.ones(3, 24, dtype=torch.long)
-    scored = {**prompts(3), "completion_ids": torch.arange(72).view(3, 24), "completion_mask": mask,
-              "advantages": torch.tensor([1.0, -1.0, 0.5])}
+    scored = {
+        **prompts(3),
+        "completion_ids": torch.arange(72).view(3, 24),
+        "completion_mask": mask,
+        "advantages": torch.tensor([1.0, -1.0, 0.5]),
+    }
     trainer.model.train()
     trainer._apply_token_weights(scored, stats, torch.arange(3))
     kept = trainer.last_token_weights
     assert kept["weights"].shape == (3, 24) and kept["weights"].std() > 0
     assert torch.equal(kept["completion_ids"], scored["completion_ids"])
     # a batch whose completions all have A_i = 0 scores nothing: the heatmap data of the last scored batch stays
-    unscored = {**prompts(3), "completion_ids": torch.zeros(3, 24, dtype=torch.long), "completion_mask": mask,
-                "advantages": torch.zeros(3)}
+    unscored = {
+        **prompts(3),
+        "completion_ids": torch.zeros(3, 24, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": torch.zeros(3),
+    }
     empty = TokenStatistics(*(torch.zeros(0, 24) for _ in TokenStatistics._fields))
     trainer._apply_token_weights(unscored, empty, torch.zeros(0, dtype=torch.long))
     assert trainer.last_token_weights is kept
     # an evaluation batch keeps its own, and leaves the training batch's alone
     assert trainer.last_eval_token_weights is None
     trainer.model.eval()
-    evaluated = {**prompts(3), "completion_ids": 100 + torch.arange(72).view(3, 24), "completion_mask": mask,
-                 "advantages": torch.tensor([0.5, -0.5, 1.0])}
+    evaluated = {
+        **prompts(3),
+        "completion_ids": 100 + torch.arange(72).view(3, 24),
+        "completion_mask": mask,
+        "advantages": torch.tensor([0.5, -0.5, 1.0]),
+    }
     trainer._apply_token_weights(evaluated, stats, torch.arange(3))
     assert trainer.last_token_weights is kept
     assert torch.equal(trainer.last_eval_token_weights["completion_ids"], evaluated["completion_ids"])
@@ -599,22 +746,35 @@ def test_a_callback_can_schedule_tau(warm_model_path, reversal_train_dataset, tm
         def on_step_begin(self, args, state, control, **kwargs):
             args.dgpo_tau = schedule[state.global_step]
 
-    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)), callbacks=[AnnealTau()])
+    trainer = DGPOTrainer(
+        warm_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, max_steps=3)),
+        callbacks=[AnnealTau()],
+    )
     trainer.train()
     assert history(trainer, "dgpo/tau") == schedule
 
 
 def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_dataset, tmp_path):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)))
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, dgpo_kappa=0.0)),
+    )
     stats = _weights_with_spread(0.05, rows=3)
     mask = torch.ones(3, 24, dtype=torch.long)
     trainer.model.train()
     for tau in (0.5, 0.05, np.float32(0.01)):
         trainer.args.dgpo_tau = tau
-        inputs = {**prompts(3), "completion_ids": torch.zeros_like(mask), "completion_mask": mask,
-                  "advantages": torch.tensor([1.0, -1.0, 0.5])}
+        inputs = {
+            **prompts(3),
+            "completion_ids": torch.zeros_like(mask),
+            "completion_mask": mask,
+            "advantages": torch.tensor([1.0, -1.0, 0.5]),
+        }
         trainer._apply_token_weights(inputs, stats, torch.arange(3))
         expected = (stats.hellinger.double() / float(tau)).softmax(-1) * 24
         torch.testing.assert_close(trainer.last_token_weights["weights"].double(), expected, rtol=1e-5, atol=1e-6)
@@ -628,10 +788,15 @@ def test_the_weights_use_the_tau_of_the_moment(tiny_model_path, reversal_train_d
         ("dgpo_uniform_weights", True, r"dgpo_uniform_weights cannot change after the trainer is built"),
     ],
 )
-def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, reversal_train_dataset, tmp_path,
-                                                               field, value, message):
-    trainer = DGPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path)))
+def test_a_value_set_after_construction_is_validated_when_used(
+    tiny_model_path, reversal_train_dataset, tmp_path, field, value, message
+):
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path)),
+    )
     setattr(trainer.args, field, value)
     with pytest.raises(ValueError, match=message):
         trainer.train()
@@ -640,8 +805,10 @@ def test_a_value_set_after_construction_is_validated_when_used(tiny_model_path, 
 
 def _module_kernels(model):
     """Each submodule's class and the function its forward runs (Liger patches instances' forwards)."""
-    return {name: (type(module).__name__, getattr(module.forward, "__func__", module.forward).__qualname__)
-            for name, module in model.named_modules()}
+    return {
+        name: (type(module).__name__, getattr(module.forward, "__func__", module.forward).__qualname__)
+        for name, module in model.named_modules()
+    }
 
 
 def test_liger_kernels_reach_the_reference(warm_model_path, reversal_train_dataset, tmp_path, monkeypatch):
@@ -658,8 +825,12 @@ def test_liger_kernels_reach_the_reference(warm_model_path, reversal_train_datas
         def on_train_begin(self, args, state, control, **kwargs):
             raise KeyboardInterrupt  # Liger's kernels need a GPU: look at the patching only
 
-    trainer = DGPOTrainer(warm_model_path, exact_match_reward, train_dataset=reversal_train_dataset,
-                          args=DGPOConfig(**cpu_args(tmp_path, use_liger_kernel=True)))
+    trainer = DGPOTrainer(
+        warm_model_path,
+        exact_match_reward,
+        train_dataset=reversal_train_dataset,
+        args=DGPOConfig(**cpu_args(tmp_path, use_liger_kernel=True)),
+    )
     policy = trainer.accelerator.unwrap_model(trainer.model)
     reference = trainer.accelerator.unwrap_model(trainer.ref_model)
     before = _module_kernels(reference)
@@ -675,15 +846,31 @@ def test_liger_kernels_reach_the_reference(warm_model_path, reversal_train_datas
 
 def test_sync_ref_model_works_without_kl(warm_model_path, reversal_train_dataset, tmp_path):
     # TRL only allows syncing with beta > 0 (it loads no reference otherwise); DGPO always has one
-    synced = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "s", max_steps=3,
-                   sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=1.0,
-                   dgpo_skip_zero_advantage=False)
+    synced = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path / "s",
+        max_steps=3,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=1.0,
+        dgpo_skip_zero_advantage=False,
+    )
     policy = synced.accelerator.unwrap_model(synced.model)
     ref = synced.accelerator.unwrap_model(synced.ref_model)
     assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
     assert history(synced, "dgpo/divergence/max") == [0.0, 0.0, 0.0]  # the reference follows the policy
-    frozen = train(DGPOTrainer, DGPOConfig, warm_model_path, reversal_train_dataset, tmp_path / "f", max_steps=3,
-                   dgpo_skip_zero_advantage=False)
+    frozen = train(
+        DGPOTrainer,
+        DGPOConfig,
+        warm_model_path,
+        reversal_train_dataset,
+        tmp_path / "f",
+        max_steps=3,
+        dgpo_skip_zero_advantage=False,
+    )
     assert history(frozen, "dgpo/divergence/max")[-1] > 0.0
 
 

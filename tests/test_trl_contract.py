@@ -29,9 +29,20 @@ def parameters(function) -> list[str]:
 
 @pytest.fixture(scope="module")
 def grpo(tiny_model_path, tmp_path_factory):
-    trainer = GRPOTrainer(tiny_model_path, exact_match_reward, train_dataset=reversal_dataset(16),
-                          args=GRPOConfig(**cpu_args(tmp_path_factory.mktemp("contract"), per_device_train_batch_size=8,
-                                                     num_generations=4, max_completion_length=6, loss_type="grpo")))
+    trainer = GRPOTrainer(
+        tiny_model_path,
+        exact_match_reward,
+        train_dataset=reversal_dataset(16),
+        args=GRPOConfig(
+            **cpu_args(
+                tmp_path_factory.mktemp("contract"),
+                per_device_train_batch_size=8,
+                num_generations=4,
+                max_completion_length=6,
+                loss_type="grpo",
+            )
+        ),
+    )
     trainer.model.eval()  # `_compute_loss` then normalizes by 1, not by the accumulation steps of a training loop
     return trainer
 
@@ -62,41 +73,57 @@ def grpo_loss(advantages, mask, kept=None):
 
 def test_init_takes_the_arguments_dgpo_binds_by_name():
     names = parameters(GRPOTrainer.__init__)
-    require(names[:4] == ["self", "model", "reward_funcs", "args"],
-            "GRPOTrainer.__init__ starts with (model, reward_funcs, args): DGPOTrainer passes them positionally.")
+    require(
+        names[:4] == ["self", "model", "reward_funcs", "args"],
+        "GRPOTrainer.__init__ starts with (model, reward_funcs, args): DGPOTrainer passes them positionally.",
+    )
     for name in ("train_dataset", "eval_dataset", "peft_config", "quantization_config", "environment_factory"):
-        require(name in names, f"GRPOTrainer.__init__ takes `{name}`: DGPOTrainer binds the call to its signature "
-                               f"and reads `{name}` by name.")
+        require(
+            name in names,
+            f"GRPOTrainer.__init__ takes `{name}`: DGPOTrainer binds the call to its signature "
+            f"and reads `{name}` by name.",
+        )
 
 
 def test_init_loads_no_reference_with_beta_zero(grpo):
-    require(grpo.ref_model is None and grpo.beta == 0.0,
-            "GRPOTrainer.__init__ loads no reference model when args.beta == 0 (and sync_ref_model is off): "
-            "DGPOTrainer hides beta and sync_ref_model while it runs, then installs its own reference.")
+    require(
+        grpo.ref_model is None and grpo.beta == 0.0,
+        "GRPOTrainer.__init__ loads no reference model when args.beta == 0 (and sync_ref_model is off): "
+        "DGPOTrainer hides beta and sync_ref_model while it runs, then installs its own reference.",
+    )
 
 
 def test_the_attributes_dgpo_reads_exist(grpo):
     for name in ("temperature", "beta", "top_entropy_quantile", "num_iterations", "accelerator", "processing_class"):
         require(hasattr(grpo, name), f"GRPOTrainer sets `self.{name}`, which DGPOTrainer reads.")
-    require(isinstance(grpo._metrics, dict) and {"train", "eval"} <= set(grpo._metrics)
-            and grpo._metrics["train"]["dgpo/anything"] == [],
-            "GRPOTrainer._metrics is {'train': defaultdict(list), 'eval': ...}, which log() averages: DGPO appends "
-            "its dgpo/* metrics there.")
-    require(isinstance(getattr(grpo, "_logs", None), dict) and {"completion", "images"} <= set(grpo._logs),
-            "GRPOTrainer._logs holds the completions table's 'completion' and 'images' columns, where "
-            "TokenWeightHeatmapCallback puts each heatmap (it falls back to one image if not).")
+    require(
+        isinstance(grpo._metrics, dict)
+        and {"train", "eval"} <= set(grpo._metrics)
+        and grpo._metrics["train"]["dgpo/anything"] == [],
+        "GRPOTrainer._metrics is {'train': defaultdict(list), 'eval': ...}, which log() averages: DGPO appends "
+        "its dgpo/* metrics there.",
+    )
+    require(
+        isinstance(getattr(grpo, "_logs", None), dict) and {"completion", "images"} <= set(grpo._logs),
+        "GRPOTrainer._logs holds the completions table's 'completion' and 'images' columns, where "
+        "TokenWeightHeatmapCallback puts each heatmap (it falls back to one image if not).",
+    )
 
 
 def test_the_logprob_method_takes_model_inputs_and_three_options():
     names = parameters(GRPOTrainer._get_per_token_logps_and_entropies)
-    require(names[:5] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
-            "_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...): DGPOTrainer "
-            "calls it with these positionally.")
+    require(
+        names[:5] == ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
+        "_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, ...): DGPOTrainer "
+        "calls it with these positionally.",
+    )
     from dgpo_trl.trainer import _SCORING_OPTIONS
 
-    require(names[5:8] == list(_SCORING_OPTIONS),
-            f"_get_per_token_logps_and_entropies's options are {list(_SCORING_OPTIONS)} and every other keyword is a "
-            f"model input (DGPO's `_SCORING_OPTIONS`); its keywords are now {names[5:]}.")
+    require(
+        names[5:8] == list(_SCORING_OPTIONS),
+        f"_get_per_token_logps_and_entropies's options are {list(_SCORING_OPTIONS)} and every other keyword is a "
+        f"model input (DGPO's `_SCORING_OPTIONS`); its keywords are now {names[5:]}.",
+    )
 
 
 def test_the_logprob_method_calls_the_model_as_dgpos_joint_pass_expects(grpo):
@@ -106,8 +133,11 @@ def test_the_logprob_method_calls_the_model_as_dgpos_joint_pass_expects(grpo):
     def model(**kwargs):
         calls.append(kwargs)
         n = kwargs["input_ids"].size(0)
-        return SimpleNamespace(log_probs=torch.arange(n * length, dtype=torch.float).view(n, length),
-                               entropy=-torch.ones(n, length), aux_loss=None)
+        return SimpleNamespace(
+            log_probs=torch.arange(n * length, dtype=torch.float).view(n, length),
+            entropy=-torch.ones(n, length),
+            aux_loss=None,
+        )
 
     input_ids = torch.arange(rows * length).view(rows, length) + 4
     attention_mask = torch.ones(rows, length, dtype=torch.long)
@@ -115,24 +145,34 @@ def test_the_logprob_method_calls_the_model_as_dgpos_joint_pass_expects(grpo):
     logps, entropy, aux = GRPOTrainer._get_per_token_logps_and_entropies(
         grpo, model, input_ids, attention_mask, keep, batch_size=2, compute_entropy=True
     )
-    require(len(calls) == 3 and [c["input_ids"].size(0) for c in calls] == [2, 2, 1],
-            "_get_per_token_logps_and_entropies calls `model` once per chunk of `batch_size` rows: DGPO's joint pass "
-            "stands in for the model and counts the rows it is given.")
-    require(all(set(c) == {"input_ids", "attention_mask", "labels", "fused_lm_head"} and c["fused_lm_head"] is True
-                for c in calls),
-            "_get_per_token_logps_and_entropies calls model(input_ids=, attention_mask=, labels=, fused_lm_head=True) "
-            "for a text model: DGPO's joint pass takes exactly these.")
+    require(
+        len(calls) == 3 and [c["input_ids"].size(0) for c in calls] == [2, 2, 1],
+        "_get_per_token_logps_and_entropies calls `model` once per chunk of `batch_size` rows: DGPO's joint pass "
+        "stands in for the model and counts the rows it is given.",
+    )
+    require(
+        all(
+            set(c) == {"input_ids", "attention_mask", "labels", "fused_lm_head"} and c["fused_lm_head"] is True
+            for c in calls
+        ),
+        "_get_per_token_logps_and_entropies calls model(input_ids=, attention_mask=, labels=, fused_lm_head=True) "
+        "for a text model: DGPO's joint pass takes exactly these.",
+    )
     labels = torch.cat([c["labels"] for c in calls])
     expected = input_ids.masked_fill(attention_mask == 0, -100)
     expected[:, :-keep] = -100
-    require(torch.equal(labels, expected),
-            "the labels are the input ids on the last `logits_to_keep` positions and -100 elsewhere: DGPO scores the "
-            "positions whose label is not -100.")
+    require(
+        torch.equal(labels, expected),
+        "the labels are the input ids on the last `logits_to_keep` positions and -100 elsewhere: DGPO scores the "
+        "positions whose label is not -100.",
+    )
     outputs = torch.arange(rows * length, dtype=torch.float).view(rows, length)
     outputs = torch.cat([outputs[:2], outputs[:2], outputs[:1]])  # each chunk's stub output restarts at 0
-    require(torch.equal(logps, outputs[:, -keep:]) and torch.equal(entropy, -torch.ones(rows, keep)) and aux is None,
-            "_get_per_token_logps_and_entropies returns (outputs.log_probs, outputs.entropy, aux) over the last "
-            "`logits_to_keep` positions: DGPO's joint pass returns its own statistics that way.")
+    require(
+        torch.equal(logps, outputs[:, -keep:]) and torch.equal(entropy, -torch.ones(rows, keep)) and aux is None,
+        "_get_per_token_logps_and_entropies returns (outputs.log_probs, outputs.entropy, aux) over the last "
+        "`logits_to_keep` positions: DGPO's joint pass returns its own statistics that way.",
+    )
 
 
 def test_scoring_calls_the_logprob_method_with_the_policy_and_reads_beta_then(grpo, monkeypatch):
@@ -158,15 +198,21 @@ def test_scoring_calls_the_logprob_method_with_the_policy_and_reads_beta_then(gr
             with_beta = grpo._generate_and_score_completions(batch)
     finally:
         grpo.model.eval()
-    require(policy_calls == 1 and calls[0][0] is grpo.model and torch.equal(output["old_per_token_logps"], calls[0][1]),
-            "_generate_and_score_completions gets pi_old log-probs from "
-            "self._get_per_token_logps_and_entropies(self.model, ...): DGPO answers that call with its joint pass.")
-    require("ref_per_token_logps" not in output and len(calls) == 3 and calls[2][0] is grpo.ref_model
-            and torch.equal(with_beta["ref_per_token_logps"], calls[2][1]),
-            "_generate_and_score_completions runs the reference forward, through "
-            "self._get_per_token_logps_and_entropies(self.ref_model, ...), only when self.beta != 0, and stores what it "
-            "returns as ref_per_token_logps: DGPO answers that call (its own reference forward gives those log-probs) "
-            "and writes them before the loss reads them.")
+    require(
+        policy_calls == 1 and calls[0][0] is grpo.model and torch.equal(output["old_per_token_logps"], calls[0][1]),
+        "_generate_and_score_completions gets pi_old log-probs from "
+        "self._get_per_token_logps_and_entropies(self.model, ...): DGPO answers that call with its joint pass.",
+    )
+    require(
+        "ref_per_token_logps" not in output
+        and len(calls) == 3
+        and calls[2][0] is grpo.ref_model
+        and torch.equal(with_beta["ref_per_token_logps"], calls[2][1]),
+        "_generate_and_score_completions runs the reference forward, through "
+        "self._get_per_token_logps_and_entropies(self.ref_model, ...), only when self.beta != 0, and stores what it "
+        "returns as ref_per_token_logps: DGPO answers that call (its own reference forward gives those log-probs) "
+        "and writes them before the loss reads them.",
+    )
 
 
 def test_generate_and_score_returns_the_keys_dgpo_reads(grpo):
@@ -180,9 +226,11 @@ def test_generate_and_score_returns_the_keys_dgpo_reads(grpo):
     for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages"):
         require(key in output, f"_generate_and_score_completions returns `{key}`, which DGPOTrainer reads.")
     rows, length = output["completion_ids"].shape
-    require(output["completion_mask"].shape == (rows, length) and output["advantages"].shape == (rows,),
-            "_generate_and_score_completions returns one sequence advantage per completion, (B,), and a (B, T) "
-            "completion mask: DGPO turns them into (B, T) per-token advantages.")
+    require(
+        output["completion_mask"].shape == (rows, length) and output["advantages"].shape == (rows,),
+        "_generate_and_score_completions returns one sequence advantage per completion, (B,), and a (B, T) "
+        "completion mask: DGPO turns them into (B, T) per-token advantages.",
+    )
 
 
 def test_compute_loss_reads_advantages_after_its_logprob_call(grpo, monkeypatch):
@@ -198,9 +246,11 @@ def test_compute_loss_reads_advantages_after_its_logprob_call(grpo, monkeypatch)
 
     monkeypatch.setattr(grpo, "_get_per_token_logps_and_entropies", weigh_during_the_forward)
     loss = grpo._compute_loss(grpo.model, inputs)
-    require(torch.allclose(loss, grpo_loss(per_token, mask), atol=1e-6) and loss.abs() > 0.1,
-            "_compute_loss reads inputs['advantages'] after its _get_per_token_logps_and_entropies call: DGPO computes "
-            "the weights inside that call, from the training forward.")
+    require(
+        torch.allclose(loss, grpo_loss(per_token, mask), atol=1e-6) and loss.abs() > 0.1,
+        "_compute_loss reads inputs['advantages'] after its _get_per_token_logps_and_entropies call: DGPO computes "
+        "the weights inside that call, from the training forward.",
+    )
 
 
 def test_compute_loss_reads_reference_logps_after_its_logprob_call(grpo, monkeypatch):
@@ -218,9 +268,11 @@ def test_compute_loss_reads_reference_logps_after_its_logprob_call(grpo, monkeyp
     monkeypatch.setattr(grpo, "_get_per_token_logps_and_entropies", reference_during_the_forward)
     monkeypatch.setattr(grpo, "beta", 0.04)
     loss = grpo._compute_loss(grpo.model, inputs)
-    require(torch.allclose(loss, grpo_loss(inputs["advantages"].unsqueeze(1).expand_as(mask), mask), atol=1e-6),
-            "_compute_loss reads inputs['ref_per_token_logps'] (beta != 0) after its _get_per_token_logps_and_entropies "
-            "call: DGPO fills it from its own reference forward inside that call.")
+    require(
+        torch.allclose(loss, grpo_loss(inputs["advantages"].unsqueeze(1).expand_as(mask), mask), atol=1e-6),
+        "_compute_loss reads inputs['ref_per_token_logps'] (beta != 0) after its _get_per_token_logps_and_entropies "
+        "call: DGPO fills it from its own reference forward inside that call.",
+    )
 
 
 def test_compute_loss_takes_per_token_advantages(grpo):
@@ -234,9 +286,11 @@ def test_compute_loss_takes_per_token_advantages(grpo):
     weights = torch.linspace(0.2, 2.5, mask.numel()).view(mask.shape)
     inputs["advantages"] = sequence.unsqueeze(1) * weights
     weighted = grpo._compute_loss(grpo.model, inputs)
-    require(torch.equal(flat, broadcast) and torch.allclose(weighted, grpo_loss(inputs["advantages"], mask), atol=1e-6),
-            "_compute_loss takes (B, T) advantages as well as (B,) ones, each token's advantage multiplying its own "
-            "loss term: DGPO's per-token advantages A_i * w_t.")
+    require(
+        torch.equal(flat, broadcast) and torch.allclose(weighted, grpo_loss(inputs["advantages"], mask), atol=1e-6),
+        "_compute_loss takes (B, T) advantages as well as (B,) ones, each token's advantage multiplying its own "
+        "loss term: DGPO's per-token advantages A_i * w_t.",
+    )
 
 
 def test_compute_loss_masks_entropy_before_reading_advantages(grpo, monkeypatch):
@@ -244,8 +298,10 @@ def test_compute_loss_masks_entropy_before_reading_advantages(grpo, monkeypatch)
     mask = inputs["completion_mask"].float()
     per_token = torch.linspace(-2, 3, mask.numel()).view(mask.shape)
     original, kept = grpo.get_high_entropy_mask, []
-    require(parameters(GRPOTrainer.get_high_entropy_mask) == ["self", "entropies", "mask", "threshold"],
-            "GRPOTrainer.get_high_entropy_mask(entropies, mask, threshold), which DGPOTrainer overrides.")
+    require(
+        parameters(GRPOTrainer.get_high_entropy_mask) == ["self", "entropies", "mask", "threshold"],
+        "GRPOTrainer.get_high_entropy_mask(entropies, mask, threshold), which DGPOTrainer overrides.",
+    )
 
     def reallocate_under_the_mask(entropies, token_mask, threshold):
         kept.append(original(entropies, token_mask, threshold))
@@ -255,11 +311,15 @@ def test_compute_loss_masks_entropy_before_reading_advantages(grpo, monkeypatch)
     monkeypatch.setattr(grpo, "get_high_entropy_mask", reallocate_under_the_mask)
     monkeypatch.setattr(grpo, "top_entropy_quantile", 0.5)
     loss = grpo._compute_loss(grpo.model, inputs)
-    require(len(kept) == 1 and kept[0].dtype == torch.bool and kept[0].shape == mask.shape,
-            "with top_entropy_quantile < 1, _compute_loss calls self.get_high_entropy_mask once, for a (B, T) bool mask.")
-    require(torch.allclose(loss, grpo_loss(per_token, mask, kept[0].float()), atol=1e-6),
-            "_compute_loss reads inputs['advantages'] after get_high_entropy_mask and multiplies the per-token loss by "
-            "that mask: DGPO moves each completion's weight onto the kept tokens there.")
+    require(
+        len(kept) == 1 and kept[0].dtype == torch.bool and kept[0].shape == mask.shape,
+        "with top_entropy_quantile < 1, _compute_loss calls self.get_high_entropy_mask once, for a (B, T) bool mask.",
+    )
+    require(
+        torch.allclose(loss, grpo_loss(per_token, mask, kept[0].float()), atol=1e-6),
+        "_compute_loss reads inputs['advantages'] after get_high_entropy_mask and multiplies the per-token loss by "
+        "that mask: DGPO moves each completion's weight onto the kept tokens there.",
+    )
 
 
 def test_the_generation_batch_is_split_and_shuffled_row_by_row(grpo, monkeypatch):
@@ -290,9 +350,11 @@ def test_the_generation_batch_is_split_and_shuffled_row_by_row(grpo, monkeypatch
         and torch.equal(part["dgpo_weight_logits"], part["advantages"])
         for part in parts
     )
-    require(sorted(ids.tolist()) == row_id.tolist() and aligned and int(parts[1]["num_items_in_batch"]) == 40,
-            "_prepare_inputs shuffles and splits every tensor of the generation batch along dim 0, extra keys "
-            "included, and keeps 0-d ones whole: DGPO's (B, T) advantages and its extra keys stay with their rows.")
+    require(
+        sorted(ids.tolist()) == row_id.tolist() and aligned and int(parts[1]["num_items_in_batch"]) == 40,
+        "_prepare_inputs shuffles and splits every tensor of the generation batch along dim 0, extra keys "
+        "included, and keeps 0-d ones whole: DGPO's (B, T) advantages and its extra keys stay with their rows.",
+    )
 
 
 def test_the_helpers_dgpo_imports_take_the_arguments_it_passes():
@@ -322,29 +384,38 @@ def test_the_helpers_dgpo_imports_take_the_arguments_it_passes():
         try:
             inspect.signature(function).bind(*args, **kwargs)
         except TypeError as error:
-            require(False, f"{function.__module__}.{function.__qualname__} takes the arguments DGPOTrainer passes "
-                           f"({error}).")
+            require(
+                False,
+                f"{function.__module__}.{function.__qualname__} takes the arguments DGPOTrainer passes ({error}).",
+            )
 
 
 def test_the_peft_reference_call_is_recognisable_by_the_adapter_state(tiny_model_path):
     """TRL's reference forward of a PEFT policy is a call with the policy itself, inside
-    `use_adapter(model, "ref" if "ref" in model.peft_config else None)`; DGPO recognises it by the PeftModel's state."""
+    `use_adapter(model, "ref" if "ref" in model.peft_config else None)`; DGPO recognises it by the PeftModel's
+    state."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import use_adapter
 
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path),
-                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path),
+        LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"),
+    )
     with use_adapter(model, adapter_name=None):
         disabled = model._adapters_disabled
-    require(disabled and not model._adapters_disabled,
-            "trl.trainer.utils.use_adapter(model, None) disables the adapters through PeftModel.disable_adapter, "
-            "which sets PeftModel._adapters_disabled while it is active: DGPO answers TRL's reference call by it.")
+    require(
+        disabled and not model._adapters_disabled,
+        "trl.trainer.utils.use_adapter(model, None) disables the adapters through PeftModel.disable_adapter, "
+        "which sets PeftModel._adapters_disabled while it is active: DGPO answers TRL's reference call by it.",
+    )
     model.add_adapter("ref", LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with use_adapter(model, adapter_name="ref"):
         active = model.active_adapter
-    require(active == "ref" and model.active_adapter == "default",
-            "trl.trainer.utils.use_adapter(model, 'ref') makes 'ref' the active adapter while it is active.")
+    require(
+        active == "ref" and model.active_adapter == "default",
+        "trl.trainer.utils.use_adapter(model, 'ref') makes 'ref' the active adapter while it is active.",
+    )
 
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -364,10 +435,12 @@ def test_each_loss_normalizer_is_the_one_row_skipping_rescales(grpo, monkeypatch
         full = grpo._compute_loss(grpo.model, inputs)
         part = grpo._compute_loss(grpo.model, take_rows(inputs, rows))
     scaled = part * loss_scale(loss_type, inputs["completion_mask"].bool(), rows)
-    require(full.abs() > 0 and torch.allclose(scaled, full, rtol=1e-5, atol=0),
-            f"loss_type={loss_type!r}: the loss over the rows with a nonzero advantage, rescaled by DGPO's "
-            f"`loss_scale`, is the loss over every row (a zero-advantage row contributes 0 and only the normalizer "
-            f"sees it); got {scaled.item()} for {full.item()}.")
+    require(
+        full.abs() > 0 and torch.allclose(scaled, full, rtol=1e-5, atol=0),
+        f"loss_type={loss_type!r}: the loss over the rows with a nonzero advantage, rescaled by DGPO's "
+        f"`loss_scale`, is the loss over every row (a zero-advantage row contributes 0 and only the normalizer "
+        f"sees it); got {scaled.item()} for {full.item()}.",
+    )
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
@@ -384,20 +457,27 @@ def test_a_zero_advantage_row_is_never_counted_as_clipped(grpo, monkeypatch, los
     # Ratios far outside every clip range, on the zero-advantage rows only (the others at a ratio of 1)
     with torch.no_grad():
         logps, _, _ = grpo._get_per_token_logps_and_entropies(
-            grpo.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
-            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), inputs["completion_ids"].size(1))
+            grpo.model,
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            inputs["completion_ids"].size(1),
+        )
     inputs["old_per_token_logps"] = logps - torch.tensor([5.0, 0.0, -5.0, 0.0]).unsqueeze(1)
     grpo._metrics["eval"].clear()
     with torch.no_grad():
         grpo._compute_loss(grpo.model, inputs)
     logged = {key: values[-1] for key, values in grpo._metrics["eval"].items()}
     fractions = [key for key in CLIPPED_FRACTIONS if key in logged]
-    require(fractions and all(logged[key] == 0.0 for key in fractions) and "entropy" in logged,
-            f"loss_type={loss_type!r}: TRL's in-loss metrics {fractions} count no clipped token on zero-advantage "
-            f"rows, and `entropy` is logged from the loss; got {logged}.")
+    require(
+        fractions and all(logged[key] == 0.0 for key in fractions) and "entropy" in logged,
+        f"loss_type={loss_type!r}: TRL's in-loss metrics {fractions} count no clipped token on zero-advantage "
+        f"rows, and `entropy` is logged from the loss; got {logged}.",
+    )
 
 
 def test_the_settings_that_stop_row_skipping_are_trl_attributes(grpo):
     for name in ("beta", "_entropy_bonus_enabled", "aux_loss_enabled", "top_entropy_quantile", "loss_type"):
-        require(hasattr(grpo, name), f"GRPOTrainer sets `self.{name}`, which DGPO's row skipping reads "
-                                     "(dgpo_trl.skipping.skipping_blockers).")
+        require(
+            hasattr(grpo, name),
+            f"GRPOTrainer sets `self.{name}`, which DGPO's row skipping reads (dgpo_trl.skipping.skipping_blockers).",
+        )

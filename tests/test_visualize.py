@@ -258,8 +258,13 @@ def prompt_rows(page: str) -> list[tuple[str | None, str | None, str | None]]:
         text = row.group(1) if row else ""
         prompt = re.search(r'prompt <span class="dgpo-text" title="([^"]*)">([^<]*)</span>', text)
         answer = re.search(r'expected <span class="dgpo-text">([^<]*)</span>', text)
-        rows.append((prompt and html.unescape(prompt.group(2)), prompt and html.unescape(prompt.group(1)),
-                     answer and html.unescape(answer.group(1))))
+        rows.append(
+            (
+                prompt and html.unescape(prompt.group(2)),
+                prompt and html.unescape(prompt.group(1)),
+                answer and html.unescape(answer.group(1)),
+            )
+        )
     return rows
 
 
@@ -270,8 +275,9 @@ LONG_PROMPT = (
 
 def test_prompts_and_expected_answers_are_drawn_above_their_completions(tmp_path):
     completions = [
-        HeatmapCompletion(list("39956") + ["<eos>"], [1.0, 1.0, 1.0, 1.0, 3.0, 1.0], "completion 0", "r65993>",
-                          "39956"),
+        HeatmapCompletion(
+            list("39956") + ["<eos>"], [1.0, 1.0, 1.0, 1.0, 3.0, 1.0], "completion 0", "r65993>", "39956"
+        ),
         HeatmapCompletion(list("12") + ["<eos>"], [1.0, 0.5, 1.5], "completion 1", '<b>"x"</b>\tr12>'),
         HeatmapCompletion(list("42") + ["<eos>"], [1.0, 1.0, 1.0], "completion 2", LONG_PROMPT, "42"),
         HeatmapCompletion(list("7") + ["<eos>"], [1.0, 1.0], "completion 3"),
@@ -332,14 +338,25 @@ def test_completions_carry_their_prompts_and_expected_answers():
 
     prompt_ids, prompt_mask = left_padded(["r12345>", "r98>", "hello"], 8)
     completion_ids = torch.tensor([tokenizer.convert_tokens_to_ids(list("54321")) + [eos]] * 3)
-    token_weights = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-                     "weights": torch.ones(3, 6), "mask": torch.ones(3, 6, dtype=torch.bool)}
+    token_weights = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "weights": torch.ones(3, 6),
+        "mask": torch.ones(3, 6, dtype=torch.bool),
+    }
     completions = completions_from_token_weights(token_weights, tokenizer, expected_answer=REVERSAL.expected_answer)
-    assert [(c.prompt, c.expected_answer) for c in completions] == [("r12345>", "54321"), ("r98>", "89"),
-                                                                     ("hello", None)]
+    assert [(c.prompt, c.expected_answer) for c in completions] == [
+        ("r12345>", "54321"),
+        ("r98>", "89"),
+        ("hello", None),
+    ]
     # Without expected_answer: the prompts only; without prompts: neither, and no expected answer can be asked for
     assert [(c.prompt, c.expected_answer) for c in completions_from_token_weights(token_weights, tokenizer)] == [
-        ("r12345>", None), ("r98>", None), ("hello", None)]
+        ("r12345>", None),
+        ("r98>", None),
+        ("hello", None),
+    ]
     no_prompts = {k: v for k, v in token_weights.items() if not k.startswith("prompt")}
     assert all(c.prompt is None for c in completions_from_token_weights(no_prompts, tokenizer))
     with pytest.raises(ValueError, match="expected_answer needs the prompts"):
@@ -358,8 +375,12 @@ def test_callback_rejects_bad_options():
 
 
 @pytest.mark.slow
-def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_path, tmp_path, fake_trackio,
-                                                                 monkeypatch):
+def test_callback_writes_heatmaps_and_fills_the_completions_table(
+    tiny_model_path,
+    tmp_path,
+    fake_trackio,  # noqa: F811 (the fixture)
+    monkeypatch,
+):
     import dgpo_trl.visualize
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
@@ -372,8 +393,11 @@ def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_pat
     trainer.add_callback(callback)
     drawn = []  # the completions of every PNG drawn: the files' and the trackers' images
     draw = dgpo_trl.visualize.heatmap_png
-    monkeypatch.setattr(dgpo_trl.visualize, "heatmap_png", lambda completions, *a, **k: (
-        drawn.append(completions), draw(completions, *a, **k))[1])
+    monkeypatch.setattr(
+        dgpo_trl.visualize,
+        "heatmap_png",
+        lambda completions, *a, **k: (drawn.append(completions), draw(completions, *a, **k))[1],
+    )
     trainer.train()
 
     names = sorted(path.name for path in (tmp_path / "run" / "token_weights").iterdir())
@@ -410,7 +434,7 @@ def test_callback_writes_heatmaps_and_fills_the_completions_table(tiny_model_pat
 
 
 @pytest.mark.slow
-def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path, tmp_path, fake_trackio):
+def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path, tmp_path, fake_trackio):  # noqa: F811
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
     args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, log_completions=False))
@@ -439,17 +463,25 @@ def test_callback_draws_nothing_without_token_weights(tiny_model_path, tmp_path)
 def test_evaluation_heatmaps_get_their_own_files_and_titles(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
-    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=2,
-                                 per_device_eval_batch_size=16))
-    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(64),
-                          eval_dataset=reversal_dataset(4, seed=5))
+    args = DGPOConfig(
+        **cpu_args(tmp_path / "run", max_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=16)
+    )
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=reversal_dataset(64),
+        eval_dataset=reversal_dataset(4, seed=5),
+    )
     kept = []  # (training?, the weights the trainer kept for that mode) after each scored batch
     apply = trainer._apply_token_weights
 
     def spy(inputs, stats, rows):
         apply(inputs, stats, rows)
         training = trainer.model.training
-        kept.append((training, getattr(trainer, "last_token_weights" if training else "last_eval_token_weights", None)))
+        kept.append(
+            (training, getattr(trainer, "last_token_weights" if training else "last_eval_token_weights", None))
+        )
 
     trainer._apply_token_weights = spy
     trainer.add_callback(TokenWeightHeatmapCallback(trainer, num_completions=3))
@@ -462,8 +494,12 @@ def test_evaluation_heatmaps_get_their_own_files_and_titles(tiny_model_path, tmp
     assert trainer.last_eval_token_weights is eval_weights[-1] is not None
     directory = tmp_path / "run" / "token_weights"
     assert sorted(path.name for path in directory.iterdir()) == [
-        "eval_step_000002.html", "eval_step_000002.png",
-        "step_000001.html", "step_000001.png", "step_000002.html", "step_000002.png",
+        "eval_step_000002.html",
+        "eval_step_000002.png",
+        "step_000001.html",
+        "step_000001.png",
+        "step_000002.html",
+        "step_000002.png",
     ]
     tokenizer = trainer.processing_class
 
@@ -481,16 +517,28 @@ def test_evaluation_heatmaps_get_their_own_files_and_titles(tiny_model_path, tmp
 def test_evaluation_of_several_named_datasets_keeps_one_file_each(tiny_model_path, tmp_path):
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
-    args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, eval_strategy="steps", eval_steps=1,
-                                 per_device_eval_batch_size=16))
-    trainer = DGPOTrainer(tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=reversal_dataset(32),
-                          eval_dataset={"short": reversal_dataset(2, seed=5, max_digits=3),
-                                        "long": reversal_dataset(2, seed=6, min_digits=6)})
+    args = DGPOConfig(
+        **cpu_args(tmp_path / "run", max_steps=1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=16)
+    )
+    trainer = DGPOTrainer(
+        tiny_model_path,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=reversal_dataset(32),
+        eval_dataset={
+            "short": reversal_dataset(2, seed=5, max_digits=3),
+            "long": reversal_dataset(2, seed=6, min_digits=6),
+        },
+    )
     trainer.add_callback(TokenWeightHeatmapCallback(trainer, num_completions=2, formats=("html",)))
     trainer.train()
     directory = tmp_path / "run" / "token_weights"
     assert sorted(path.name for path in directory.iterdir()) == [
-        "eval_long_step_000001.html", "eval_short_step_000001.html", "step_000001.html"
+        "eval_long_step_000001.html",
+        "eval_short_step_000001.html",
+        "step_000001.html",
     ]
-    assert "<h2>DGPO token weights, evaluation on long at step 1</h2>" in (
-        directory / "eval_long_step_000001.html").read_text()
+    assert (
+        "<h2>DGPO token weights, evaluation on long at step 1</h2>"
+        in (directory / "eval_long_step_000001.html").read_text()
+    )

@@ -23,7 +23,6 @@ from collections import Counter
 import pytest
 import torch
 
-
 PER_DEVICE = 4
 STEPS_PER_GENERATION = 2  # == gradient_accumulation_steps: aligned, so only the IS correction asks for old log-probs
 NUM_GENERATIONS = 4
@@ -135,8 +134,8 @@ def test_vllm_importance_sampling_dataflow(tiny_model, tmp_path, beta, mode):
     from transformers import AutoModelForCausalLM
     from trl import GRPOTrainer
 
-    from dgpo_trl.functional import token_weights
     from dgpo_trl.forwards import causal_lm as _causal_lm
+    from dgpo_trl.functional import token_weights
 
     trainer = _make_trainer(tiny_model, tmp_path, beta=beta, mode=mode)
     policy = _causal_lm(trainer._policy())

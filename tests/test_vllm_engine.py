@@ -36,7 +36,6 @@ import torch
 from conftest import cpu_args
 from vllm_support import VLLMServer, safetensors_weight_transport, vllm_server_python
 
-
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PER_DEVICE = 8

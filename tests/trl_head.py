@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
-
 ENVIRONMENT_VARIABLE = "DGPO_TEST_COMPACT_LM_HEAD"
 
 
@@ -26,7 +25,9 @@ def compact_lm_head():
 
     original = getattr(trl_utils, "_use_triton", None)
     if not callable(original):
-        raise AssertionError("trl.trainer.utils._use_triton is gone: TRL's fused LM head chooses its positions otherwise")
+        raise AssertionError(
+            "trl.trainer.utils._use_triton is gone: TRL's fused LM head chooses its positions otherwise"
+        )
     asked = []
 
     def compact(device):

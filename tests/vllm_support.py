@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 try:
     import requests
 except ImportError:  # comes with the trainer side's vLLM modules (`make vllm-env`); without them the tests skip

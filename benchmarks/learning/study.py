@@ -45,7 +45,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 # One thread per process: tiny models run ~10x faster than with the default thread pool (notes/environment.md)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -62,8 +61,8 @@ os.environ.setdefault("MALLOC_TOP_PAD_", str(256 << 20))
 
 HERE = Path(__file__).resolve().parent
 
-from dgpo_trl.tasks import TASKS as SYNTHETIC_TASKS, Task  # noqa: E402
-
+from dgpo_trl.tasks import TASKS as SYNTHETIC_TASKS  # noqa: E402
+from dgpo_trl.tasks import Task  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tasks
@@ -117,8 +116,13 @@ class RunConfig:
     def describe(self) -> str:
         if self.trainer == "grpo":
             return f"GRPOTrainer, beta={self.beta}"
-        fields = {"dgpo_tau": 0.5, "dgpo_kappa": 1.0, "dgpo_divergence": "hellinger", "dgpo_entropy": "normalized",
-                  **self.dgpo}
+        fields = {
+            "dgpo_tau": 0.5,
+            "dgpo_kappa": 1.0,
+            "dgpo_divergence": "hellinger",
+            "dgpo_entropy": "normalized",
+            **self.dgpo,
+        }
         return "DGPOTrainer, " + ", ".join(f"{k.removeprefix('dgpo_')}={v}" for k, v in fields.items())
 
 
@@ -148,8 +152,11 @@ def all_configs() -> dict[str, RunConfig]:
         )
     for tau in NATS_TAUS:
         configs.append(
-            RunConfig(f"dgpo_nats_tau{tau:g}", f"DGPO nats gate (Eq. 3), tau={tau:g}",
-                      dgpo={"dgpo_tau": tau, "dgpo_entropy": "nats"})
+            RunConfig(
+                f"dgpo_nats_tau{tau:g}",
+                f"DGPO nats gate (Eq. 3), tau={tau:g}",
+                dgpo={"dgpo_tau": tau, "dgpo_entropy": "nats"},
+            )
         )
     return {c.name: c for c in configs}
 
@@ -225,8 +232,18 @@ BASE_SETTINGS = {
 }
 QUICK_BASE_SETTINGS = {
     # Warm-ups long enough that some groups mix right and wrong completions, so DGPO's weights are exercised
-    name: TaskSettings(warmup_target=0.1, warmup_check=20, warmup_max_steps=200, rl_steps=4, prompts_per_step=4,
-                       n_sft=1000, n_train=64, n_eval=32, eval_samples=2, block=2)
+    name: TaskSettings(
+        warmup_target=0.1,
+        warmup_check=20,
+        warmup_max_steps=200,
+        rl_steps=4,
+        prompts_per_step=4,
+        n_sft=1000,
+        n_train=64,
+        n_eval=32,
+        eval_samples=2,
+        block=2,
+    )
     for name in BASE_SETTINGS
 }
 # The vocabulary-scale tasks: the base task's warm-up and RL settings, shorter RL (an RL step at 151,936 rows took
@@ -239,8 +256,11 @@ FULL_SETTINGS = {
 }
 QUICK_SETTINGS = {
     **QUICK_BASE_SETTINGS,
-    **{name: _padded_settings(QUICK_BASE_SETTINGS[t.base], rl_steps=2, block=1, pad_max_steps=10)
-       for name, t in TASKS.items() if t.vocab_size},
+    **{
+        name: _padded_settings(QUICK_BASE_SETTINGS[t.base], rl_steps=2, block=1, pad_max_steps=10)
+        for name, t in TASKS.items()
+        if t.vocab_size
+    },
 }
 QUICK_TASKS = ("reversal", "filler", "reversal_v32000")
 
@@ -280,8 +300,16 @@ def warm_up(task_name: str, settings: TaskSettings, seed: int, out: Path) -> dic
     build_tiny_model(path, hidden_size=settings.hidden_size, num_layers=settings.num_layers, seed=seed)
     model, tokenizer, steps, curve = supervised_warmup(task, path, splits, settings, seed)
     accuracy = evaluate(model, tokenizer, task, splits["eval"], settings, seed)
-    record = {"task": task_name, "seed": seed, "settings": asdict(settings), "path": str(path), "steps": steps,
-              "val_curve": curve, **accuracy, "wall_s": time.perf_counter() - start}
+    record = {
+        "task": task_name,
+        "seed": seed,
+        "settings": asdict(settings),
+        "path": str(path),
+        "steps": steps,
+        "val_curve": curve,
+        **accuracy,
+        "wall_s": time.perf_counter() - start,
+    }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -396,18 +424,33 @@ def pad_warmup(task_name: str, settings: TaskSettings, seed: int, out: Path) -> 
     model.resize_token_embeddings(task.vocab_size, mean_resizing=False)
     probe = splits["sft"][:128]
     before = tail_statistics(model, tokenizer, probe, n_real)
-    steps, curve = fit_padded_rows(model, tokenizer, splits["sft"], settings, seed, n_real) \
-        if task.vocab_size > n_real else (0, [])
+    steps, curve = (
+        fit_padded_rows(model, tokenizer, splits["sft"], settings, seed, n_real)
+        if task.vocab_size > n_real
+        else (0, [])
+    )
     after = tail_statistics(model, tokenizer, probe, n_real)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     with fast_sampling():
         accuracy = evaluate(model, tokenizer, task, splits["eval"], settings, seed)
-    record = {"task": task_name, "seed": seed, "settings": asdict(settings), "path": str(path),
-              "base_warmup": _warmup_identity(base_record), "vocab_size": task.vocab_size, "real_tokens": n_real,
-              "steps": base_record["steps"], "pad_steps": steps, "pad_curve": curve, "tail_before": before,
-              "tail_after": after, **accuracy, "wall_s": time.perf_counter() - start}
+    record = {
+        "task": task_name,
+        "seed": seed,
+        "settings": asdict(settings),
+        "path": str(path),
+        "base_warmup": _warmup_identity(base_record),
+        "vocab_size": task.vocab_size,
+        "real_tokens": n_real,
+        "steps": base_record["steps"],
+        "pad_steps": steps,
+        "pad_curve": curve,
+        "tail_before": before,
+        "tail_after": after,
+        **accuracy,
+        "wall_s": time.perf_counter() - start,
+    }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -445,9 +488,14 @@ def tail_statistics(model, tokenizer, rows: list[dict], n_real: int, chunk: int 
             real_entropy.append(-(real.exp() * real).sum(-1))
     tail = torch.cat(tails).double()
     quantiles = tail.quantile(torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
-    return {"tail_mass": tail.mean().item(), "tail_mass_q10_50_90_99": quantiles, "tail_mass_max": tail.max().item(),
-            "entropy": torch.cat(entropy).mean().item(), "real_entropy": torch.cat(real_entropy).mean().item(),
-            "positions": len(tail)}
+    return {
+        "tail_mass": tail.mean().item(),
+        "tail_mass_q10_50_90_99": quantiles,
+        "tail_mass_max": tail.max().item(),
+        "entropy": torch.cat(entropy).mean().item(),
+        "real_entropy": torch.cat(real_entropy).mean().item(),
+        "positions": len(tail),
+    }
 
 
 def fit_padded_rows(model, tokenizer, rows: list[dict], settings: TaskSettings, seed: int, n_real: int):
@@ -503,8 +551,11 @@ def evaluate(model, tokenizer, task: Task, rows: list[dict], settings: TaskSetti
     prompts = [r["prompt"] for r in rows]
     answers = [r["answer"] for r in rows]
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    common = dict(max_new_tokens=task.max_completion_length, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
+    common = dict(
+        max_new_tokens=task.max_completion_length,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     width = batch["input_ids"].shape[1]
 
     def decode(ids):
@@ -514,25 +565,56 @@ def evaluate(model, tokenizer, task: Task, rows: list[dict], settings: TaskSetti
     with torch.no_grad():
         greedy, greedy_padded = decode(model.generate(**batch, do_sample=False, **common))
         torch.manual_seed(10_000 + seed)
-        sampled, sampled_padded = decode(model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                                        num_return_sequences=settings.eval_samples, **common))
+        sampled, sampled_padded = decode(
+            model.generate(
+                **batch,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=settings.eval_samples,
+                **common,
+            )
+        )
     greedy_reward = [0.0 if bad else r for r, bad in zip(task.reward(greedy, answers), greedy_padded)]
-    sampled_reward = [0.0 if bad else r for r, bad in zip(
-        task.reward(sampled, [a for a in answers for _ in range(settings.eval_samples)]), sampled_padded)]
+    sampled_reward = [
+        0.0 if bad else r
+        for r, bad in zip(
+            task.reward(sampled, [a for a in answers for _ in range(settings.eval_samples)]), sampled_padded
+        )
+    ]
     return {
         "greedy_accuracy": sum(greedy_reward) / len(greedy_reward),
         "sampled_accuracy": sum(sampled_reward) / len(sampled_reward),
         "sampled_padded_fraction": sum(sampled_padded) / len(sampled_padded),
-        "examples": [{"prompt": p, "greedy": g, "sampled": s} for p, g, s in
-                     zip(prompts[:3], greedy[:3], sampled[: 3 * settings.eval_samples: settings.eval_samples])],
+        "examples": [
+            {"prompt": p, "greedy": g, "sampled": s}
+            for p, g, s in zip(prompts[:3], greedy[:3], sampled[: 3 * settings.eval_samples : settings.eval_samples])
+        ],
     }
 
 
 HISTORY_KEYS = (
-    "reward", "reward_std", "frac_reward_zero_std", "entropy", "kl", "completions/mean_length",
-    "dgpo/tau", "dgpo/ess", "dgpo/weight/max", "dgpo/weight/std", "dgpo/divergence/mean", "dgpo/divergence/max",
-    "dgpo/score/mean", "dgpo/score/std", "dgpo/score/max", "dgpo/entropy/mean", "dgpo/entropy_normalized/mean",
-    "dgpo/reverse_kl/mean", "dgpo/scored_fraction", "padded_fraction",
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "entropy",
+    "kl",
+    "completions/mean_length",
+    "dgpo/tau",
+    "dgpo/ess",
+    "dgpo/weight/max",
+    "dgpo/weight/std",
+    "dgpo/divergence/mean",
+    "dgpo/divergence/max",
+    "dgpo/score/mean",
+    "dgpo/score/std",
+    "dgpo/score/max",
+    "dgpo/entropy/mean",
+    "dgpo/entropy_normalized/mean",
+    "dgpo/reverse_kl/mean",
+    "dgpo/scored_fraction",
+    "padded_fraction",
 )
 
 
@@ -641,8 +723,10 @@ def train_run(task_name: str, config_name: str, seed: int, settings: TaskSetting
             if config.trainer == "dgpo" and "dgpo_target_ess" not in dgpo and dgpo["dgpo_kappa"] == 1.0:
                 log_v = math.log(trainer._vocab_size)
                 normalized = dgpo["dgpo_entropy"] == "normalized"
-                self.whatif_gates = {"normalized": 1.0 if normalized else 1.0 / log_v,
-                                     "nats": log_v if normalized else 1.0}
+                self.whatif_gates = {
+                    "normalized": 1.0 if normalized else 1.0 / log_v,
+                    "nats": log_v if normalized else 1.0,
+                }
             self._t = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -666,8 +750,11 @@ def train_run(task_name: str, config_name: str, seed: int, settings: TaskSetting
             self.other_weight.append(off[0] / off[1] if off[1] else float("nan"))
             for gate, factor in self.whatif_gates.items():
                 for tau_new in WHATIF_TAUS:
-                    ess, w_max = whatif_ess(shown["weights"], shown["mask"], trainer.args.dgpo_tau, factor,
-                                            tau_new) if shown else (float("nan"), float("nan"))
+                    ess, w_max = (
+                        whatif_ess(shown["weights"], shown["mask"], trainer.args.dgpo_tau, factor, tau_new)
+                        if shown
+                        else (float("nan"), float("nan"))
+                    )
                     self.whatif.setdefault(f"whatif/{gate}/tau{tau_new:g}/ess", []).append(ess)
                     self.whatif.setdefault(f"whatif/{gate}/tau{tau_new:g}/max_w", []).append(w_max)
 
@@ -715,7 +802,7 @@ def train_run(task_name: str, config_name: str, seed: int, settings: TaskSetting
     tmp.write_text(json.dumps(record))
     tmp.replace(record_path)
     shutil.rmtree(args["output_dir"], ignore_errors=True)
-    del trainer
+    trainer = None  # the callbacks' closures hold the name: release the model before the next run
     return record
 
 
@@ -820,22 +907,38 @@ def aggregate(out: Path, task_names, configs_by_task: dict, seeds, settings_by_t
             "configs": {},
         }
         if TASKS[task_name].vocab_size:  # the padded rows after their fit (teacher-forced at the SFT targets)
-            task_summary["warmup"].update({
-                "pad_steps": [w["pad_steps"] for w in warmups],
-                "tail_mass": mean_std([w["tail_after"]["tail_mass"] for w in warmups]),
-                "tail_mass_q90": mean_std([w["tail_after"]["tail_mass_q10_50_90_99"][2] for w in warmups]),
-                "tail_mass_max": mean_std([w["tail_after"]["tail_mass_max"] for w in warmups]),
-                "entropy": mean_std([w["tail_after"]["entropy"] for w in warmups]),
-                "real_entropy": mean_std([w["tail_after"]["real_entropy"] for w in warmups]),
-                "sampled_padded_fraction": mean_std([w["sampled_padded_fraction"] for w in warmups]),
-            })
+            task_summary["warmup"].update(
+                {
+                    "pad_steps": [w["pad_steps"] for w in warmups],
+                    "tail_mass": mean_std([w["tail_after"]["tail_mass"] for w in warmups]),
+                    "tail_mass_q90": mean_std([w["tail_after"]["tail_mass_q10_50_90_99"][2] for w in warmups]),
+                    "tail_mass_max": mean_std([w["tail_after"]["tail_mass_max"] for w in warmups]),
+                    "entropy": mean_std([w["tail_after"]["entropy"] for w in warmups]),
+                    "real_entropy": mean_std([w["tail_after"]["real_entropy"] for w in warmups]),
+                    "sampled_padded_fraction": mean_std([w["sampled_padded_fraction"] for w in warmups]),
+                }
+            )
         for config_name in config_names:
             runs = [json.loads((out / "runs" / task_name / config_name / f"seed{s}.json").read_text()) for s in seeds]
             h = [r["history"] for r in runs]
             blocks = {}
-            keys = ["reward", "dgpo/ess", "dgpo/weight/max", "dgpo/tau", "score_spread", "dgpo/score/mean",
-                    "dgpo/score/std", "dgpo/score/max", "dgpo/divergence/mean", "dgpo/entropy/mean", "entropy",
-                    "completions/mean_length", "weight_decisive", "weight_other", "padded_fraction"]
+            keys = [
+                "reward",
+                "dgpo/ess",
+                "dgpo/weight/max",
+                "dgpo/tau",
+                "score_spread",
+                "dgpo/score/mean",
+                "dgpo/score/std",
+                "dgpo/score/max",
+                "dgpo/divergence/mean",
+                "dgpo/entropy/mean",
+                "entropy",
+                "completions/mean_length",
+                "weight_decisive",
+                "weight_other",
+                "padded_fraction",
+            ]
             keys += sorted({k for x in h for k in x if k.startswith("whatif/")})
             for x in h:  # (within-completion score std / tau)^2: what 1 - ESS is for small spreads
                 if "dgpo/score/std" in x:
@@ -848,13 +951,21 @@ def aggregate(out: Path, task_names, configs_by_task: dict, seeds, settings_by_t
                     continue
                 blocks[key] = [mean_std([p[i] for p in per_seed if i < len(p)]) for i in range(len(per_seed[0]))]
                 # over all steps: mean over a seed's steps, then mean ± std over seeds
-                overall[key] = mean_std([statistics.fmean(v) if (v := [y for y in x.get(key, []) if math.isfinite(y)])
-                                         else float("nan") for x in h])
+                overall[key] = mean_std(
+                    [
+                        statistics.fmean(v) if (v := [y for y in x.get(key, []) if math.isfinite(y)]) else float("nan")
+                        for x in h
+                    ]
+                )
                 if key.endswith(("max", "max_w")):  # the largest over a seed's steps, then mean ± std over seeds
-                    peak[key] = mean_std([max(v) if (v := [y for y in x.get(key, []) if math.isfinite(y)])
-                                          else float("nan") for x in h])
-            grpo = [json.loads((out / "runs" / task_name / "grpo" / f"seed{s}.json").read_text()) for s in seeds] \
-                if "grpo" in config_names else []
+                    peak[key] = mean_std(
+                        [max(v) if (v := [y for y in x.get(key, []) if math.isfinite(y)]) else float("nan") for x in h]
+                    )
+            grpo = (
+                [json.loads((out / "runs" / task_name / "grpo" / f"seed{s}.json").read_text()) for s in seeds]
+                if "grpo" in config_names
+                else []
+            )
 
             def paired(key):  # same seed, same warm-up, same data order: differences to GRPO
                 return [r[key] - g[key] for r, g in zip(runs, grpo)]
@@ -924,10 +1035,15 @@ def write_markdown(summary: dict, path: Path, header: str) -> None:
             )
         block = s["block"]
         n_blocks = len(next(iter(t["configs"].values()))["blocks"]["reward"])
-        lines += ["", f"Training reward (mean ± std over seeds) per block of {block} steps:", "",
-                  "| config | " + " | ".join(f"{i * block + 1}-{min((i + 1) * block, s['rl_steps'])}"
-                                          for i in range(n_blocks)) + " |",
-                  "|---|" + "---|" * n_blocks]
+        lines += [
+            "",
+            f"Training reward (mean ± std over seeds) per block of {block} steps:",
+            "",
+            "| config | "
+            + " | ".join(f"{i * block + 1}-{min((i + 1) * block, s['rl_steps'])}" for i in range(n_blocks))
+            + " |",
+            "|---|" + "---|" * n_blocks,
+        ]
         for name, c in t["configs"].items():
             lines.append(f"| {name} | " + " | ".join(fmt(p, 2) for p in c["blocks"]["reward"]) + " |")
         lines.append("")
@@ -1017,8 +1133,17 @@ def vocabulary_tables(summary: dict) -> list[str]:
 # Plots
 
 
-CURVE_CONFIGS = ("grpo", "grpo_kl", "dgpo", "dgpo_kappa0", "dgpo_rkl", "dgpo_tau0.003", "dgpo_ess0.8", "dgpo_ess0.5",
-                 "dgpo_nats_tau0.5")
+CURVE_CONFIGS = (
+    "grpo",
+    "grpo_kl",
+    "dgpo",
+    "dgpo_kappa0",
+    "dgpo_rkl",
+    "dgpo_tau0.003",
+    "dgpo_ess0.8",
+    "dgpo_ess0.5",
+    "dgpo_nats_tau0.5",
+)
 
 
 def plot(summary: dict, out: Path) -> list[Path]:
@@ -1053,9 +1178,10 @@ def plot(summary: dict, out: Path) -> list[Path]:
                 x = [(i + 0.5) * block for i in range(len(pts))]
                 m = [p[0] for p in pts]
                 s = [p[1] for p in pts]
-                line, = ax.plot(x, m, marker="o", ms=3, label=name, color=colors[name])
-                ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15,
-                                color=line.get_color())
+                (line,) = ax.plot(x, m, marker="o", ms=3, label=name, color=colors[name])
+                ax.fill_between(
+                    x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.15, color=line.get_color()
+                )
             ax.set_title(title)
             ax.set_xlabel("step")
             if key in ("dgpo/weight/max", "dgpo/tau", "score_spread") and any(
@@ -1079,20 +1205,39 @@ def plot(summary: dict, out: Path) -> list[Path]:
     for ax, (task_name, t) in zip(axes[0], base_tasks.items()):
         configs = t["configs"]
         sweep = sorted(
-            ((CONFIGS[n].dgpo.get("dgpo_tau", 0.5), c) for n, c in configs.items()
-             if CONFIGS[n].trainer == "dgpo" and set(CONFIGS[n].dgpo) <= {"dgpo_tau"}),
+            (
+                (CONFIGS[n].dgpo.get("dgpo_tau", 0.5), c)
+                for n, c in configs.items()
+                if CONFIGS[n].trainer == "dgpo" and set(CONFIGS[n].dgpo) <= {"dgpo_tau"}
+            ),
             key=lambda x: x[0],
         )
         if sweep:
-            ax.errorbar([x for x, _ in sweep], [c["sampled_accuracy"][0] for _, c in sweep],
-                        yerr=[c["sampled_accuracy"][1] for _, c in sweep], marker="o", capsize=3,
-                        label="DGPO fixed tau")
-        nats = sorted(((CONFIGS[n].dgpo["dgpo_tau"], c) for n, c in configs.items()
-                       if CONFIGS[n].dgpo.get("dgpo_entropy") == "nats"), key=lambda x: x[0])
+            ax.errorbar(
+                [x for x, _ in sweep],
+                [c["sampled_accuracy"][0] for _, c in sweep],
+                yerr=[c["sampled_accuracy"][1] for _, c in sweep],
+                marker="o",
+                capsize=3,
+                label="DGPO fixed tau",
+            )
+        nats = sorted(
+            (
+                (CONFIGS[n].dgpo["dgpo_tau"], c)
+                for n, c in configs.items()
+                if CONFIGS[n].dgpo.get("dgpo_entropy") == "nats"
+            ),
+            key=lambda x: x[0],
+        )
         if nats:
-            ax.errorbar([x for x, _ in nats], [c["sampled_accuracy"][0] for _, c in nats],
-                        yerr=[c["sampled_accuracy"][1] for _, c in nats], marker="^", capsize=3,
-                        label="DGPO fixed tau, nats gate (Eq. 3)")
+            ax.errorbar(
+                [x for x, _ in nats],
+                [c["sampled_accuracy"][0] for _, c in nats],
+                yerr=[c["sampled_accuracy"][1] for _, c in nats],
+                marker="^",
+                capsize=3,
+                label="DGPO fixed tau, nats gate (Eq. 3)",
+            )
         for name, style in (("grpo", "k--"), ("grpo_kl", "k:")):
             if name in configs:
                 m, s = configs[name]["sampled_accuracy"]
@@ -1101,8 +1246,15 @@ def plot(summary: dict, out: Path) -> list[Path]:
             if "dgpo_target_ess" in CONFIGS[name].dgpo:
                 taus = [m for m, _ in c["blocks"].get("dgpo/tau", []) if math.isfinite(m)]
                 x = statistics.fmean(taus) if taus else 0.5
-                ax.errorbar([x], [c["sampled_accuracy"][0]], yerr=[c["sampled_accuracy"][1]], marker="s", capsize=3,
-                            ls="none", label=f"{name} (at its mean tau)")
+                ax.errorbar(
+                    [x],
+                    [c["sampled_accuracy"][0]],
+                    yerr=[c["sampled_accuracy"][1]],
+                    marker="s",
+                    capsize=3,
+                    ls="none",
+                    label=f"{name} (at its mean tau)",
+                )
         w = t["warmup"]["sampled_accuracy"][0]
         ax.axhline(w, color="grey", lw=0.8, label=f"warm-up {w:.3f}")
         ax.set_xscale("log")
@@ -1125,11 +1277,22 @@ def plot(summary: dict, out: Path) -> list[Path]:
         xs = list(range(len(names)))
         top, bottom = axes[0, column], axes[1, column]
         for offset, key, label in ((-0.2, "sampled", "sampled"), (0.2, "greedy", "greedy")):
-            top.bar([x + offset for x in xs], [t["configs"][n][f"{key}_accuracy"][0] for n in names], width=0.4,
-                    yerr=[t["configs"][n][f"{key}_accuracy"][1] for n in names], capsize=2, label=label)
-            line = bottom.errorbar([x + offset for x in xs], [t["configs"][n][f"{key}_minus_grpo"][0] for n in names],
-                                   yerr=[t["configs"][n][f"{key}_minus_grpo"][1] for n in names], fmt="o", capsize=3,
-                                   label=f"{label}: mean ± std")
+            top.bar(
+                [x + offset for x in xs],
+                [t["configs"][n][f"{key}_accuracy"][0] for n in names],
+                width=0.4,
+                yerr=[t["configs"][n][f"{key}_accuracy"][1] for n in names],
+                capsize=2,
+                label=label,
+            )
+            line = bottom.errorbar(
+                [x + offset for x in xs],
+                [t["configs"][n][f"{key}_minus_grpo"][0] for n in names],
+                yerr=[t["configs"][n][f"{key}_minus_grpo"][1] for n in names],
+                fmt="o",
+                capsize=3,
+                label=f"{label}: mean ± std",
+            )
             for x, n in zip(xs, names):
                 seeds = t["configs"][n].get(f"per_seed_{key}_minus_grpo", [])
                 bottom.scatter([x + offset] * len(seeds), seeds, s=8, color=line[0].get_color(), alpha=0.5)
@@ -1156,8 +1319,11 @@ def vocabulary_plots(summary: dict, out: Path, plt) -> list[Path]:
     if not groups:
         return []
     written = []
-    styles = {"dgpo": ("tab:blue", "o", "normalized gate, tau 0.5"),
-              "dgpo_nats_tau0.5": ("tab:red", "^", "nats gate, tau 0.5"), "grpo": ("k", "s", "GRPO")}
+    styles = {
+        "dgpo": ("tab:blue", "o", "normalized gate, tau 0.5"),
+        "dgpo_nats_tau0.5": ("tab:red", "^", "nats gate, tau 0.5"),
+        "grpo": ("k", "s", "GRPO"),
+    }
     nan = (math.nan, 0.0)
 
     def one_minus_ess(c):
@@ -1178,8 +1344,15 @@ def vocabulary_plots(summary: dict, out: Path, plt) -> list[Path]:
                 if name == "grpo" and "GRPO" not in title:
                     continue
                 pts = [get(t["configs"][name]) if name in t["configs"] else (math.nan, 0.0) for _, _, t in rows]
-                ax.errorbar(x, [m for m, _ in pts], yerr=[s for _, s in pts], color=color, marker=marker, capsize=3,
-                            label=label)
+                ax.errorbar(
+                    x,
+                    [m for m, _ in pts],
+                    yerr=[s for _, s in pts],
+                    color=color,
+                    marker=marker,
+                    capsize=3,
+                    label=label,
+                )
             ax.set_xticks(x)
             ax.set_xticklabels([f"{v:,}\n(log V {math.log(v):.1f})" for v, _, _ in rows], fontsize=8)
             if log and any(line.get_ydata().size and (line.get_ydata() > 0).any() for line in ax.get_lines()):
@@ -1200,8 +1373,9 @@ def vocabulary_plots(summary: dict, out: Path, plt) -> list[Path]:
     for ax, (base, rows) in zip(axes[0], groups.items()):
         sources = [(f"V={v:,}", t) for v, _, t in rows]
         if base in summary["tasks"]:
-            sources.append((f"V=99, main study ({summary['tasks'][base]['settings']['rl_steps']} steps)",
-                            summary["tasks"][base]))
+            sources.append(
+                (f"V=99, main study ({summary['tasks'][base]['settings']['rl_steps']} steps)", summary["tasks"][base])
+            )
         shades = plt.get_cmap("viridis")
         for i, (label, t) in enumerate(sources):
             c = t["configs"].get("dgpo")
@@ -1209,15 +1383,25 @@ def vocabulary_plots(summary: dict, out: Path, plt) -> list[Path]:
                 continue
             for gate, ls in (("normalized", "-"), ("nats", "--")):
                 ess = [c["overall"].get(f"whatif/{gate}/tau{x:g}/ess", (math.nan, 0))[0] for x in WHATIF_TAUS]
-                ax.plot(WHATIF_TAUS, [1 - e for e in ess], ls=ls, marker="o", ms=3,
-                        color=shades(i / max(len(sources) - 1, 1)), label=f"{label}, {gate}")
+                ax.plot(
+                    WHATIF_TAUS,
+                    [1 - e for e in ess],
+                    ls=ls,
+                    marker="o",
+                    ms=3,
+                    color=shades(i / max(len(sources) - 1, 1)),
+                    label=f"{label}, {gate}",
+                )
         ax.axvspan(0.5, 1.0, color="grey", alpha=0.15, lw=0)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tau (shaded: the paper's range)")
         ax.set_ylabel("1 - ESS the tau would give")
-        ax.set_title(f"{base}: what tau means at each vocabulary size (dgpo runs' scores)\n"
-                     "solid: normalized gate, dashed: nats gate", fontsize=9)
+        ax.set_title(
+            f"{base}: what tau means at each vocabulary size (dgpo runs' scores)\n"
+            "solid: normalized gate, dashed: nats gate",
+            fontsize=9,
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, handlelength=4)
     fig.tight_layout()
@@ -1242,18 +1426,32 @@ def machine() -> dict:
     import transformers
     import trl
 
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke run: 1 seed, 3 configs, a few steps")
-    p.add_argument("--out", type=Path, default=HERE / "outputs",
-                   help="output folder: runs, warm-up models, tables, plots (default benchmarks/learning/outputs)")
-    p.add_argument("--publish", type=Path, default=None,
-                   help="also copy summary.md, summary.json, study.log and the plots into this folder "
-                   "(e.g. docs/results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "outputs",
+        help="output folder: runs, warm-up models, tables, plots (default benchmarks/learning/outputs)",
+    )
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="also copy summary.md, summary.json, study.log and the plots into this folder (e.g. docs/results)",
+    )
     p.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
     p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS))
     p.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -1301,18 +1499,33 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - start
     ran = sum(not r.get("reused") for r in records)
     job_seconds = sum(r.get("train_seconds", r.get("wall_s", 0.0)) for r in records)
-    summary.update(command=command, machine=info, workers=workers, seeds=seeds, wall_seconds=wall, jobs_run=ran,
-                   jobs_total=len(records), job_seconds=job_seconds, load_average_at_end=os.getloadavg())
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    reuse = "" if ran == len(records) else (
-        f" This invocation ran {ran} of {len(records)} jobs and reused the others from an earlier invocation of the "
-        "same command (`study.log` in the output folder records every invocation's jobs and wall time)."
+    summary.update(
+        command=command,
+        machine=info,
+        workers=workers,
+        seeds=seeds,
+        wall_seconds=wall,
+        jobs_run=ran,
+        jobs_total=len(records),
+        job_seconds=job_seconds,
+        load_average_at_end=os.getloadavg(),
     )
-    header = (f"# Learning study results\n\nCommand: `{command}`; {workers} worker process(es), 1 thread each; seeds "
-              f"{seeds}; wall time {wall:.0f} s on {info['cpu']} ({info['cpu_count']} cores, load average at start "
-              f"{info['load_average_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f}); the jobs' own "
-              f"timings sum to {job_seconds:.0f} s (RL runs: `trainer.train()` only; warm-ups: SFT and evaluation)."
-              f"{reuse}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    reuse = (
+        ""
+        if ran == len(records)
+        else (
+            f" This invocation ran {ran} of {len(records)} jobs and reused the others from an earlier invocation of "
+            "the same command (`study.log` in the output folder records every invocation's jobs and wall time)."
+        )
+    )
+    header = (
+        f"# Learning study results\n\nCommand: `{command}`; {workers} worker process(es), 1 thread each; seeds "
+        f"{seeds}; wall time {wall:.0f} s on {info['cpu']} ({info['cpu_count']} cores, load average at start "
+        f"{info['load_average_at_start'][0]:.2f}, at end {os.getloadavg()[0]:.2f}); the jobs' own "
+        f"timings sum to {job_seconds:.0f} s (RL runs: `trainer.train()` only; warm-ups: SFT and evaluation)."
+        f"{reuse}"
+    )
     write_markdown(summary, out / "summary.md", header)
     plots = plot(summary, out)
     log(f"# done in {wall:.0f} s: {out / 'summary.md'}, {', '.join(p.name for p in plots)}")

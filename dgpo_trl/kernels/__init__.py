@@ -9,5 +9,4 @@ from .divergence import (
     triton_available,
 )
 
-
 __all__ = ["DEFAULT_CONFIG", "TOKEN_CHUNK_SIZE", "KernelConfig", "fused_token_statistics", "triton_available"]

@@ -37,7 +37,6 @@ from typing import NamedTuple
 
 import torch
 
-
 try:  # Triton ships with CUDA builds of torch on Linux; CPU-only installs have none
     import triton
     import triton.language as tl

@@ -52,10 +52,8 @@ from pathlib import Path
 
 import torch
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 from trl_head import compact_lm_head  # noqa: E402
-
 
 # Shared with tests/test_distributed.py, which recomputes the weights with the same settings
 SETTINGS = {
@@ -364,7 +362,7 @@ def run(name: str, cli, dataset, out: Path) -> None:
 
     # Free this run's engine before the next one (the model count of a later run must not see it)
     trainer.accelerator.free_memory()
-    del trainer, states, records, final, model, in_memory
+    trainer = states = records = final = model = in_memory = None  # (the callbacks' closures hold these names)
     gc.collect()
     dist.barrier()
 
