@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -218,7 +219,7 @@ def parameter_count(spec) -> dict:
     )
 
 
-def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | None = None) -> dict:
+def compose(m: dict, spec: dict, spg: int, zero_fraction: float, batch: int, layers: int | None = None) -> dict:
     """Projected seconds per generation cycle and peak bytes, per path and variant, at `layers` decoder layers.
 
     With bb(what) = constant + layers x per_layer, head(...) TRL's fused head, div DGPO's pass, on the cycle's rows:
@@ -232,6 +233,11 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
                                                                   takes the policy's hidden states from it)
                         - spg x z x (bb(train) + head_train)     (the training forward and backward of the zero-
                                                                   advantage rows, skipped; the optimizer step is not)
+                        + spg x z x (bb(train) + head_train) / B (a micro-batch with nothing to train still runs one
+                                                                  of its B rows, its loss multiplied by 0: here a
+                                                                  micro-batch is one group, so every zero-advantage
+                                                                  group is one such micro-batch; a row counted as 1/B
+                                                                  of the step, as on a CPU)
       DGPO, dropout   = DGPO + s x bb(forward)                   (a policy whose train-mode forward has dropout: the
                                                                   statistics' dropout-free policy forward)
       floor           = 1 + DGPO's reference backbone / GRPO(beta=0)
@@ -256,7 +262,7 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
         base = generate + steps * train_step + old
         reference = bb("forward", name)
         scored = 1.0 - zero_fraction if steps == 1 else 1.0
-        skipped = steps * zero_fraction * (bb("train", "step") + head[("head_train", "step")])
+        skipped = steps * zero_fraction * (bb("train", "step") + head[("head_train", "step")]) * (1 - 1 / batch)
         dgpo = base + scored * (reference + head[("divergence", name)]) - skipped
         train_peak = activations + head[("head_train_bytes", "step")]
         # DGPO's aligned-path pass runs at loss time, with the training forward's activations alive
@@ -292,10 +298,10 @@ def compose(m: dict, spec: dict, spg: int, zero_fraction: float, layers: int | N
     return out
 
 
-def projection_rows(m, spec, spg, zero_fractions, layers=None) -> list[dict]:
+def projection_rows(m, spec, spg, zero_fractions, batch, layers=None) -> list[dict]:
     rows = []
     for z in zero_fractions:
-        for path, c in compose(m, spec, spg, z, layers).items():
+        for path, c in compose(m, spec, spg, z, batch, layers).items():
             s, p = c["seconds"], c["peak_bytes"]
             rows.append(
                 dict(
@@ -317,6 +323,31 @@ def projection_rows(m, spec, spg, zero_fractions, layers=None) -> list[dict]:
     return rows
 
 
+def measured_pieces(measured: list[dict]) -> dict:
+    """The `m` that `compose` takes, rebuilt from a results file's `measured` rows."""
+    m = dict(backbone={}, head={})
+    for row in measured:
+        if row["what"] == "adamw per parameter":
+            m["adamw_s_per_param"] = row["value"]
+            continue
+        key = tuple(row["what"].rsplit(" ", 1))
+        if row.get("per_layer") is not None:
+            m["backbone"][key] = dict(per_layer=row["per_layer"], constant=row["constant"])
+        else:
+            m["head"][key] = row["value"]
+    return m
+
+
+def recompose(path: Path, zero_fractions) -> None:
+    results = json.loads(path.read_text())
+    meta = results["meta"]
+    projected = projection_rows(
+        measured_pieces(meta["measured"]), meta["spec"], meta["steps_per_generation"], zero_fractions, meta["batch"]
+    )
+    paths = write_results(path.stem, projected, meta, path.parent)
+    print(f"recomposed {paths[0]} and {paths[1]} from the measured pieces of {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "micro"], default="qwen2.5-7b")
@@ -332,7 +363,17 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--stem", default=None, help="default layers_<shape>_<device>")
+    parser.add_argument(
+        "--recompose",
+        type=Path,
+        default=None,
+        help="a results .json of this script: compose its measured pieces again (after a change to `compose`), "
+        "rewriting its projection rows in place; measures nothing",
+    )
     args = parser.parse_args()
+    if args.recompose is not None:
+        recompose(args.recompose, args.zero_fractions)
+        return
     set_malloc("reuse")  # timings without page faults (peak_extra_memory switches for its own calls)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -374,7 +415,7 @@ def main():
     )
     print(f"# heads measured ({time.perf_counter() - start:.0f}s)", flush=True)
     m["adamw_s_per_param"] = measure_adamw(spec, args.repeats, device)
-    projected = projection_rows(m, spec, spg, args.zero_fractions)
+    projected = projection_rows(m, spec, spg, args.zero_fractions, batch)
     measured = (
         [dict(what=f"{k[0]} {k[1]}", **v) for k, v in m["backbone"].items()]
         + [dict(what=f"{k[0]} {k[1]}", value=v) for k, v in m["head"].items()]

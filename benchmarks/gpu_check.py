@@ -743,7 +743,8 @@ def section_steps(dry: bool, device, partial_path: Path) -> dict:
             '{"aligned": 1, "offpolicy": 1}',
         ]
     else:
-        # As many rounds as fit in the time the parent gave this section (a round: 3 configurations x 3 trainers)
+        # As many rounds as fit in the time the parent gave this section (a round: bench_steps' five default
+        # configurations x 3 trainers)
         limit = float(os.environ.get("DGPO_GPU_CHECK_LIMIT_S", SECTION_LIMITS["steps"]))
         argv = ["--shape", "qwen2.5-0.5b", "--rounds", "3", "--budget-s", f"{limit - 30:.0f}"]
     # The kit's output folder, which the parent passes down: whatever finished is kept there
