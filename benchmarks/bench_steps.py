@@ -778,35 +778,23 @@ def targets(ratios: list[dict]) -> list[dict]:
     positions only)."""
     found = {(r["config"], r["ratio"]): r for r in ratios}
     out = []
-    for key, entry in found.items():
-        config, ratio = key
+
+    def add(target: str, config: str, figure: dict, limit: float, same_speed: dict | None = None, **extra):
+        same_speed = same_speed or {}
+        out.append(
+            dict(target=target, config=config, measured=figure.get("mean"), ci95=figure.get("ci95"), limit=limit)
+            | extra
+            | (dict(same_speed=same_speed.get("mean"), same_speed_ci95=same_speed.get("ci95")) if same_speed else {})
+        )
+
+    for (config, ratio), entry in found.items():
         c = Config.parse(config)
         if c.head != "completion":
             continue
-        cycle = entry.get("cycle") or {}
-        same = entry.get("cycle_same_speed") or {}
-        at_same_speed = dict(same_speed=same.get("mean"), same_speed_ci95=same.get("ci95"))
+        cycle, same = entry.get("cycle") or {}, entry.get("cycle_same_speed") or {}
         if ratio == "dgpo / grpo_beta0.04" and c.zero_fraction == 0:
-            out.append(
-                dict(
-                    target=f"{c.path}, every completion scored: DGPO / GRPO(beta=0.04) <= 1.00",
-                    config=config,
-                    measured=cycle.get("mean"),
-                    ci95=cycle.get("ci95"),
-                    limit=1.00,
-                    **at_same_speed,
-                )
-            )
-            peak = entry.get("peak") or {}
-            out.append(
-                dict(
-                    target=f"{c.path}: peak memory DGPO / GRPO(beta=0.04) <= 1.02",
-                    config=config,
-                    measured=peak.get("mean"),
-                    ci95=peak.get("ci95"),
-                    limit=1.02,
-                )
-            )
+            add(f"{c.path}, every completion scored: DGPO / GRPO(beta=0.04) <= 1.00", config, cycle, 1.00, same)
+            add(f"{c.path}: peak memory DGPO / GRPO(beta=0.04) <= 1.02", config, entry.get("peak") or {}, 1.02)
         # Skipping the zero-advantage rows' training forward and backward makes DGPO cheaper than both baselines
         # (a fraction between the two is held to the lower one's limits)
         limits = (
@@ -818,32 +806,12 @@ def targets(ratios: list[dict]) -> list[dict]:
         )
         if c.path == "aligned" and ratio in limits:
             baseline = ratio.split(" / ")[1].replace("grpo_beta", "GRPO(beta=") + ")"
-            out.append(
-                dict(
-                    target=f"aligned, {c.zero_fraction:.0%} zero-advantage groups: DGPO / {baseline} <= "
-                    f"{limits[ratio]:.2f}",
-                    config=config,
-                    measured=cycle.get("mean"),
-                    ci95=cycle.get("ci95"),
-                    limit=limits[ratio],
-                    **at_same_speed,
-                )
-            )
-        if ratio == "dgpo / grpo_beta0" and c.zero_fraction == 0:
-            floor = found.get((config, "floor: 1 + dgpo ref_forward / grpo_beta0"))
-            if floor:
-                f = floor["cycle"]["mean"]
-                out.append(
-                    dict(
-                        target=f"{c.path}: DGPO / GRPO(beta=0) within 3% of its floor",
-                        config=config,
-                        measured=cycle.get("mean"),
-                        floor=f,
-                        ci95=cycle.get("ci95"),
-                        limit=1.03 * f,
-                        **at_same_speed,
-                    )
-                )
+            target = f"aligned, {c.zero_fraction:.0%} zero-advantage groups: DGPO / {baseline} <= {limits[ratio]:.2f}"
+            add(target, config, cycle, limits[ratio], same)
+        floor = found.get((config, "floor: 1 + dgpo ref_forward / grpo_beta0"))
+        if ratio == "dgpo / grpo_beta0" and c.zero_fraction == 0 and floor:
+            f = floor["cycle"]["mean"]
+            add(f"{c.path}: DGPO / GRPO(beta=0) within 3% of its floor", config, cycle, 1.03 * f, same, floor=f)
     for t in out:
         t.update(judge(t["measured"], t["ci95"], t["limit"]))
         if t.get("same_speed") is not None:

@@ -368,8 +368,9 @@ class DGPOTrainer(GRPOTrainer):
         mask, advantages = valid_mask(inputs), sequence_advantages(inputs)
         reduce = functools.partial(self.accelerator.reduce, reduction="sum")
         dtype = torch.float64 if self._policy().dtype == torch.float64 else torch.float32
-        settings, vocab_size = self.dgpo, self._vocab_size
-        batch = weigh(stats, mask, rows, advantages, settings, vocab_size=vocab_size, reduce=reduce, dtype=dtype)
+        batch = weigh(
+            stats, mask, rows, advantages, self.dgpo, vocab_size=self._vocab_size, reduce=reduce, dtype=dtype
+        )
         inputs[TOKEN_WEIGHTS] = batch.weights
         inputs["advantages"] = advantages.unsqueeze(1) * batch.weights
         if self.top_entropy_quantile < 1.0:  # TRL picks the tokens it trains per loss call: get_high_entropy_mask

@@ -1,13 +1,16 @@
 """Token-weight heatmaps: HTML (escaped), PNG, decoding trainer weights, and the training callback."""
 
 import html
+import importlib.machinery
 import math
 import re
+import sys
+import types
 
 import pytest
 import torch
 from conftest import cpu_args
-from toolkit_fixtures import fake_trackio, length_reward  # noqa: F401 (fake_trackio is a fixture)
+from toolkit_fixtures import length_reward
 
 from dgpo_trl.tasks import REVERSAL, reversal_dataset
 from dgpo_trl.tiny import build_tokenizer
@@ -19,6 +22,28 @@ from dgpo_trl.visualize import (
     heatmap_html,
     heatmap_png,
 )
+
+
+@pytest.fixture
+def fake_trackio(monkeypatch):
+    """A stand-in `trackio` module, installed where TRL looks for it; records what gets logged.
+
+    TRL 1.16 reads module-level `trackio` globals in grpo_trainer and extras.profiling (imported only when trackio is
+    installed, which it is not here).
+    """
+    module = types.ModuleType("trackio")
+    module.__spec__ = importlib.machinery.ModuleSpec("trackio", None)
+    module.logged = []
+    module.Image = lambda image: ("image", image.size)
+    module.Table = lambda dataframe: dataframe
+    module.log = lambda data, **kwargs: module.logged.append(data)
+    monkeypatch.setitem(sys.modules, "trackio", module)
+    import trl.extras.profiling
+    import trl.trainer.grpo_trainer
+
+    monkeypatch.setattr(trl.trainer.grpo_trainer, "trackio", module, raising=False)
+    monkeypatch.setattr(trl.extras.profiling, "trackio", module, raising=False)
+    return module
 
 
 def css_colours(page: str) -> dict[str, tuple[float, float, float]]:
@@ -378,7 +403,7 @@ def test_callback_rejects_bad_options():
 def test_callback_writes_heatmaps_and_fills_the_completions_table(
     tiny_model_path,
     tmp_path,
-    fake_trackio,  # noqa: F811 (the fixture)
+    fake_trackio,
     monkeypatch,
 ):
     import dgpo_trl.visualize
@@ -434,7 +459,7 @@ def test_callback_writes_heatmaps_and_fills_the_completions_table(
 
 
 @pytest.mark.slow
-def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path, tmp_path, fake_trackio):  # noqa: F811
+def test_callback_logs_one_image_when_completions_are_not_logged(tiny_model_path, tmp_path, fake_trackio):
     from dgpo_trl import DGPOConfig, DGPOTrainer
 
     args = DGPOConfig(**cpu_args(tmp_path / "run", max_steps=1, log_completions=False))
